@@ -1,0 +1,112 @@
+"""LayerSpec: how one weight is clustered (bits, vector length, temperature)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import SpecError
+
+INITS = ("kmeans++", "linear", "quantile")
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one weight tensor is clustered.
+
+    bits: index width; the codebook has ``2**bits`` centroids.
+    dim: vector length; the weight is read as ``numel/dim`` consecutive
+        vectors (row-major, so along the input dimension of a Linear).
+    tau: absolute temperature of the attention, as in the paper's tables
+        (which assume ImageNet-scale weights). ``None`` (the default) derives
+        it from the layer itself with ``tau_rel``.
+    tau_rel: temperature relative to the layer's own clustering error:
+        ``tau = tau_rel * mean squared distance of a vector to its nearest
+        initial centroid``. It does not depend on the weight's scale; 2.0
+        matches the paper's ResNet18 temperatures at 1 to 3 bits.
+    max_iter: cap on the centroid iterations per training step.
+    epsilon: the iterations stop once no centroid moves more than
+        ``epsilon * std(weight)``.
+    init: how the codebook is seeded: ``kmeans++``, ``linear`` (evenly
+        spaced between the extremes) or ``quantile`` (by density).
+    seed: seed of the initialisation's own random generator, so that
+        registration never touches the global RNG and is repeatable.
+    """
+
+    bits: int = 4
+    dim: int = 1
+    tau: float | None = None
+    tau_rel: float = 2.0
+    max_iter: int = 5
+    epsilon: float = 1e-3
+    init: str = "kmeans++"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("bits", self.bits, 1, MAX_BITS)
+        _check_int("dim", self.dim, 1, None)
+        _check_int("max_iter", self.max_iter, 1, None)
+        _check_int("seed", self.seed, 0, None)
+        if self.tau is not None and not (_is_real(self.tau) and math.isfinite(self.tau) and self.tau > 0):
+            raise SpecError(f"tau must be a positive finite number or None, got {self.tau!r}")
+        if not (_is_real(self.tau_rel) and math.isfinite(self.tau_rel) and self.tau_rel > 0):
+            raise SpecError(f"tau_rel must be a positive finite number, got {self.tau_rel!r}")
+        if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+        if self.init not in INITS:
+            raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+    @property
+    def clusters(self) -> int:
+        """Number of centroids, ``2**bits``."""
+        return 1 << self.bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per weight, ``bits / dim`` (the codebook comes on top)."""
+        return self.bits / self.dim
+
+    def replace(self, **changes: Any) -> "LayerSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerSpec":
+        """Build from a dict, rejecting keys that are not fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(f"unknown LayerSpec field(s) {unknown}; known fields are {sorted(names)}")
+        return cls(**data)
+
+    def misfit(self, numel: int) -> str | None:
+        """Why this spec cannot cluster a weight of ``numel`` elements, or None."""
+        if numel % self.dim:
+            near = [d for d in (1, 2, 4, 8, 16) if numel % d == 0 and d != self.dim]
+            hint = f", e.g. {' or '.join(map(str, near[-2:]))}" if near else ""
+            return f"dim={self.dim} does not divide the weight; choose a dim that divides {numel}{hint}"
+        vectors = numel // self.dim
+        if vectors < self.clusters:
+            return (
+                f"{vectors} vectors are fewer than the {self.clusters} clusters of bits={self.bits}; "
+                f"use bits <= {max(1, vectors.bit_length() - 1)} or a smaller dim"
+            )
+        return None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise SpecError(f"{name} must be in {span}, got {value}")

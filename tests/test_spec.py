@@ -1,0 +1,50 @@
+import pytest
+
+import dkm_param as dp
+
+
+def test_defaults_are_the_papers_protocol():
+    spec = dp.LayerSpec()
+    assert (spec.bits, spec.dim, spec.max_iter, spec.init) == (4, 1, 5, "kmeans++")
+    assert spec.clusters == 16 and spec.bits_per_weight == 4.0
+    assert dp.LayerSpec(bits=6, dim=4).bits_per_weight == 1.5
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("bits", 0, "bits must be in 1..8, got 0"),
+        ("bits", 9, "bits must be in 1..8, got 9"),
+        ("bits", 2.0, "bits must be an int"),
+        ("dim", 0, "dim must be in >= 1"),
+        ("tau", -1.0, "tau must be a positive"),
+        ("tau", float("nan"), "tau must be a positive"),
+        ("tau_rel", 0.0, "tau_rel must be a positive"),
+        ("max_iter", 0, "max_iter must be in >= 1"),
+        ("epsilon", -1e-3, "epsilon must be a finite number >= 0"),
+        ("init", "random", "init must be one of"),
+    ],
+)
+def test_bad_field_raises_spec_error_naming_it(field, value, words):
+    with pytest.raises(dp.SpecError, match=words):
+        dp.LayerSpec(**{field: value})
+
+
+def test_spec_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        dp.LayerSpec(bits=99)
+
+
+def test_dict_round_trip_and_unknown_keys():
+    spec = dp.LayerSpec(bits=3, dim=2, tau=5e-5, seed=7)
+    assert dp.LayerSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(dp.SpecError, match=r"unknown LayerSpec field\(s\) \['bitz'\]"):
+        dp.LayerSpec.from_dict({"bitz": 3})
+
+
+def test_misfit_names_the_cause_and_a_way_out():
+    assert dp.LayerSpec(dim=4).misfit(64) is None
+    msg = dp.LayerSpec(dim=5).misfit(36864)
+    assert "dim=5 does not divide the weight" in msg and "36864" in msg and "8" in msg
+    msg = dp.LayerSpec(bits=8).misfit(100)
+    assert "100 vectors are fewer than the 256 clusters" in msg and "bits <= 6" in msg
