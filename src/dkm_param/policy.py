@@ -1,0 +1,300 @@
+"""Policy: which weights are clustered, and with which LayerSpec.
+
+A policy resolves each layer in a fixed order: the skip list, an exact module
+name, a name pattern (regular expression, full match), the layer's kind
+(``cv``, ``fc``, ``emb``), then the default. ``None`` at any step skips the
+layer. The policy never touches the model: ``plan(model)`` returns rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import SpecError
+from .spec import LayerSpec
+
+KINDS = ("cv", "fc", "emb")
+
+_KIND_OF_TYPE: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "fc"),
+    (nn.Bilinear, "fc"),
+    (nn.modules.conv._ConvNd, "cv"),  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
+    (nn.Embedding, "emb"),
+)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``cv``, ``fc`` or ``emb`` for a module whose weight can be clustered, else None."""
+    for cls, kind in _KIND_OF_TYPE:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def weight_of(module: nn.Module):
+    """The module's own weight tensor (the original one if it is parametrized), or None."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    weight = module._parameters.get("weight")
+    return weight
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One row of a plan: a module that owns a weight, and what happens to it."""
+
+    name: str
+    module_type: str
+    kind: str | None
+    shape: tuple[int, ...]
+    spec: LayerSpec | None
+    reason: str
+    tied_to: str | None = None  # the layer that clusters this shared weight
+    followers: tuple[str, ...] = ()  # layers that share this weight
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def clustered(self) -> bool:
+        """True when this row registers the clustering (tied followers do not)."""
+        return self.spec is not None and self.tied_to is None
+
+
+class Plan(list):
+    """The rows ``Policy.plan`` decided, in module order; prints as a table."""
+
+    def clustered(self) -> list[LayerPlan]:
+        return [row for row in self if row.clustered]
+
+    def skipped(self) -> list[LayerPlan]:
+        return [row for row in self if row.spec is None]
+
+    def row(self, name: str) -> LayerPlan:
+        for r in self:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "kind", "weights", "bits", "dim", "decision")
+        rows = [header]
+        for r in self:
+            bits = str(r.spec.bits) if r.spec else "-"
+            dim = str(r.spec.dim) if r.spec else "-"
+            decision = r.reason if r.spec is None or r.tied_to else f"cluster: {r.reason}"
+            rows.append((r.name, r.module_type, r.kind or "-", str(r.numel), bits, dim, decision))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        n_on = len(self.clustered())
+        lines.append(f"{n_on} clustered, {len(self.skipped())} skipped")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which layers are clustered and how.
+
+    default: spec for any cv/fc layer not otherwise matched (None skips them).
+    kinds: spec per kind, ``{"cv": ..., "fc": ..., "emb": ...}``; embeddings are
+        clustered only when ``emb`` is named here.
+    overrides: per module name or regular expression (full match), a spec or
+        None; exact names win over patterns, patterns apply in order.
+    skip: module names or patterns never clustered.
+    skip_first_last: leave the first and the last cv/fc layer uncompressed
+        (the paper's protocol).
+    small_layer_params, small_layer_bits: layers with fewer weights than this
+        use at least ``small_layer_bits`` bits (the paper: 10,000 and 8);
+        ``small_layer_bits=None`` turns the rule off.
+    strict: raise instead of skipping a layer the policy selected but cannot
+        cluster (a dim that does not divide it, too few vectors).
+
+    Exact-name overrides are explicit requests: a misfit there always raises.
+    """
+
+    default: LayerSpec | None = field(default_factory=LayerSpec)
+    kinds: Mapping[str, LayerSpec | None] = field(default_factory=dict)
+    overrides: Mapping[str, LayerSpec | None] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    skip_first_last: bool = False
+    small_layer_params: int = 10_000
+    small_layer_bits: int | None = 8
+    strict: bool = False
+
+    def __post_init__(self):
+        unknown = sorted(set(self.kinds) - set(KINDS))
+        if unknown:
+            raise SpecError(f"unknown layer kind(s) {unknown} in policy; kinds are {', '.join(KINDS)}")
+        for key, spec in [("default", self.default), *self.kinds.items(), *self.overrides.items()]:
+            if spec is not None and not isinstance(spec, LayerSpec):
+                raise SpecError(f"policy entry {key!r} must be a LayerSpec or None, got {type(spec).__name__}")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        for pattern in [*self.overrides, *self.skip]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SpecError(f"policy pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        if self.small_layer_bits is not None:
+            LayerSpec(bits=self.small_layer_bits)  # validates the range
+
+    @classmethod
+    def from_notation(cls, notation: str, spec: LayerSpec | None = None, **kwargs: Any) -> "Policy":
+        """Parse the paper's notation, e.g. ``"cv:6/8, fc:6/4"`` (kind:bits/dim).
+
+        Kinds not named are skipped. ``spec`` supplies the other fields
+        (tau, iterations, ...); keyword arguments go to ``Policy``.
+        """
+        base = spec or LayerSpec()
+        kinds: dict[str, LayerSpec | None] = {}
+        for part in filter(None, (p.strip() for p in notation.split(","))):
+            match = re.fullmatch(r"(\w+)\s*:\s*(\d+)\s*/\s*(\d+)", part)
+            if not match:
+                raise SpecError(f"cannot read {part!r} in policy notation {notation!r}; write kind:bits/dim, e.g. 'cv:4/1'")
+            kind, bits, dim = match.group(1), int(match.group(2)), int(match.group(3))
+            if kind not in KINDS:
+                raise SpecError(f"unknown kind {kind!r} in policy notation {notation!r}; kinds are {', '.join(KINDS)}")
+            if kind in kinds:
+                raise SpecError(f"kind {kind!r} appears twice in policy notation {notation!r}")
+            kinds[kind] = base.replace(bits=bits, dim=dim)
+        if not kinds:
+            raise SpecError(f"policy notation {notation!r} names no layer kind; write e.g. 'cv:4/1, fc:4/1'")
+        kwargs.setdefault("default", None)
+        return cls(kinds=kinds, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = lambda s: None if s is None else s.to_dict()  # noqa: E731
+        return {
+            "default": spec(self.default),
+            "kinds": {k: spec(v) for k, v in self.kinds.items()},
+            "overrides": {k: spec(v) for k, v in self.overrides.items()},
+            "skip": list(self.skip),
+            "skip_first_last": self.skip_first_last,
+            "small_layer_params": self.small_layer_params,
+            "small_layer_bits": self.small_layer_bits,
+            "strict": self.strict,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
+        """Build from ``to_dict`` output, rejecting unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(f"unknown Policy field(s) {unknown}; known fields are {sorted(names)}")
+        spec = lambda s: None if s is None else LayerSpec.from_dict(s)  # noqa: E731
+        data = dict(data)
+        if "default" in data:
+            data["default"] = spec(data["default"])
+        for key in ("kinds", "overrides"):
+            if key in data:
+                data[key] = {k: spec(v) for k, v in data[key].items()}
+        if "skip" in data:
+            data["skip"] = tuple(data["skip"])
+        return cls(**data)
+
+    # -- deciding ---------------------------------------------------------
+
+    def _resolve(self, name: str, kind: str) -> tuple[LayerSpec | None, str, str]:
+        """(spec, reason, source) before the size rules; source says how explicit it is."""
+        for pattern in self.skip:
+            if name == pattern or re.fullmatch(pattern, name):
+                return None, f"in the skip list ({pattern!r})", "skip"
+        if name in self.overrides:
+            spec = self.overrides[name]
+            return spec, "named in the policy" if spec else "named None in the policy", "name"
+        for pattern, spec in self.overrides.items():
+            if re.fullmatch(pattern, name):
+                return spec, f"matches {pattern!r}" if spec else f"matches {pattern!r} (None)", "pattern"
+        if kind in self.kinds:
+            spec = self.kinds[kind]
+            return spec, f"kind {kind}" if spec else f"kind {kind} is None in the policy", "kind"
+        if kind == "emb":
+            return None, "embeddings are clustered only when the policy names 'emb'", "kind"
+        if self.default is None:
+            return None, f"kind {kind} has no spec and the policy's default is None", "default"
+        return self.default, "default", "default"
+
+    def plan(self, model: nn.Module) -> Plan:
+        """Decide every module that owns a weight, without touching the model.
+
+        Raises SpecError for a misfit on an exactly named layer, or on any
+        selected layer when ``strict``.
+        """
+        candidates = list(_weighted_modules(model))
+        targets = [name for name, module, _ in candidates if layer_kind(module) is not None]
+        edges = {targets[0], targets[-1]} if self.skip_first_last and targets else set()
+
+        decided: list[LayerPlan] = []
+        for name, module, weight in candidates:
+            kind = layer_kind(module)
+            shape = tuple(weight.shape)
+            row = dict(name=name, module_type=type(module).__name__, kind=kind, shape=shape)
+            if kind is None:
+                decided.append(LayerPlan(**row, spec=None, reason=f"{type(module).__name__} weights are not clustered"))
+                continue
+            spec, reason, source = self._resolve(name, kind)
+            general = source in ("kind", "default")
+            numel = weight.numel()
+            if spec is not None and general and name in edges:
+                spec, reason = None, "first or last layer (skip_first_last)"
+            if spec is not None and general and self.small_layer_bits and numel < self.small_layer_params:
+                if spec.bits < self.small_layer_bits:
+                    spec = spec.replace(bits=self.small_layer_bits)
+                    reason = f"small layer (< {self.small_layer_params} weights): {self.small_layer_bits} bits"
+            if spec is not None and not weight.is_floating_point():
+                spec, reason = None, f"weight dtype {weight.dtype} is not floating point"
+                if not general:
+                    raise SpecError(f"layer '{name}' ({type(module).__name__}): {reason}; skip it in the policy")
+            if spec is not None:
+                misfit = spec.misfit(numel)
+                if misfit:
+                    if not general or self.strict:
+                        raise SpecError(
+                            f"layer '{name}' ({type(module).__name__}, {numel} weights): {misfit}, "
+                            "or skip the layer in the policy"
+                        )
+                    spec, reason = None, misfit
+            decided.append(LayerPlan(**row, spec=spec, reason=reason))
+        return Plan(_tie(decided, candidates))
+
+
+def _weighted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any]]:
+    for name, module in model.named_modules():
+        weight = weight_of(module)
+        if weight is not None:
+            yield name, module, weight
+
+
+def _tie(rows: list[LayerPlan], candidates: list[tuple[str, nn.Module, Any]]) -> list[LayerPlan]:
+    """Cluster a shared weight once: the first selected user leads, the others follow."""
+    groups: dict[int, list[int]] = {}
+    for i, (_, _, weight) in enumerate(candidates):
+        groups.setdefault(id(weight), []).append(i)
+    out = list(rows)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        leaders = [i for i in members if rows[i].spec is not None]
+        if not leaders:
+            continue
+        lead = leaders[0]
+        followers = tuple(rows[i].name for i in members if i != lead)
+        out[lead] = dataclasses.replace(rows[lead], followers=followers)
+        for i in members:
+            if i != lead:
+                out[i] = dataclasses.replace(
+                    rows[i], spec=rows[lead].spec, reason=f"shares its weight with '{rows[lead].name}'", tied_to=rows[lead].name
+                )
+    return out

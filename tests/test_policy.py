@@ -1,0 +1,138 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dkm_param as dp
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3),  # 0: 864 weights
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),  # 3: 18432
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 200),  # 6: 12800
+        nn.Linear(200, 10),  # 7: 2000
+    )
+
+
+def test_notation_builds_one_spec_per_kind():
+    policy = dp.Policy.from_notation("cv:6/8, fc:6/4")
+    assert policy.kinds["cv"] == dp.LayerSpec(bits=6, dim=8)
+    assert policy.kinds["fc"] == dp.LayerSpec(bits=6, dim=4)
+    assert policy.default is None
+    base = dp.LayerSpec(tau=5e-5, max_iter=3)
+    assert dp.Policy.from_notation("cv:2/1", spec=base).kinds["cv"] == base.replace(bits=2, dim=1)
+
+
+@pytest.mark.parametrize(
+    "notation, words",
+    [("cv:4", "write kind:bits/dim"), ("xx:4/1", "unknown kind 'xx'"), ("cv:4/1, cv:2/1", "appears twice"), ("", "names no layer kind"), ("cv:9/1", "bits must be in 1..8")],
+)
+def test_bad_notation_is_rejected(notation, words):
+    with pytest.raises(dp.SpecError, match=words):
+        dp.Policy.from_notation(notation)
+
+
+def test_resolution_order_name_then_pattern_then_kind_then_default():
+    policy = dp.Policy(
+        default=dp.LayerSpec(bits=3),
+        kinds={"fc": dp.LayerSpec(bits=2)},
+        overrides={"3": dp.LayerSpec(bits=5), r"[67]": dp.LayerSpec(bits=6), "7": None},
+        small_layer_bits=None,
+    )
+    plan = policy.plan(small_net())
+    assert plan.row("0").spec.bits == 3 and plan.row("0").reason == "default"
+    assert plan.row("3").spec.bits == 5 and plan.row("3").reason == "named in the policy"
+    assert plan.row("6").spec.bits == 6 and "matches" in plan.row("6").reason
+    assert plan.row("7").spec is None  # exact name beats pattern
+    assert plan.row("1").spec is None and "BatchNorm2d weights are not clustered" in plan.row("1").reason
+
+
+def test_small_layer_rule_and_skip_first_last():
+    policy = dp.Policy.from_notation("cv:2/1, fc:2/1", skip_first_last=True)
+    plan = policy.plan(small_net())
+    assert plan.row("0").spec is None and "first or last" in plan.row("0").reason
+    assert plan.row("7").spec is None
+    assert plan.row("3").spec.bits == 2
+    plan = dp.Policy.from_notation("cv:2/1, fc:2/1").plan(small_net())
+    assert plan.row("0").spec.bits == 8 and "small layer" in plan.row("0").reason
+    assert plan.row("7").spec.bits == 8
+    off = dp.Policy.from_notation("cv:2/1, fc:2/1", small_layer_bits=None).plan(small_net())
+    assert off.row("0").spec.bits == 2
+
+
+def test_skip_list_and_kinds_not_in_notation():
+    plan = dp.Policy.from_notation("cv:4/1", skip=("3",)).plan(small_net())
+    assert plan.row("3").spec is None and "skip list" in plan.row("3").reason
+    assert plan.row("6").spec is None and "kind fc" in plan.row("6").reason
+    assert [r.name for r in plan.clustered()] == ["0"]
+
+
+def test_plan_does_not_touch_the_model():
+    model = small_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp.Policy().plan(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_misfit_is_skipped_with_reason_or_raises_when_named_or_strict():
+    policy = dp.Policy(default=dp.LayerSpec(dim=3), small_layer_bits=None)
+    plan = policy.plan(small_net())
+    assert plan.row("3").spec.dim == 3  # 18432 = 3 * 6144
+    assert plan.row("7").spec is None and "dim=3 does not divide the weight" in plan.row("7").reason
+    with pytest.raises(dp.SpecError, match=r"layer '6' \(Linear, 12800 weights\): dim=3 does not divide"):
+        dp.Policy(default=dp.LayerSpec(dim=3), small_layer_bits=None, strict=True).plan(small_net())
+    with pytest.raises(dp.SpecError, match=r"layer '7' .* skip the layer in the policy"):
+        dp.Policy(overrides={"7": dp.LayerSpec(dim=3)}).plan(small_net())
+    with pytest.raises(dp.SpecError, match="125 vectors are fewer than the 256 clusters"):
+        dp.Policy(overrides={"7": dp.LayerSpec(bits=8, dim=16)}).plan(small_net())
+
+
+def test_all_conv_and_linear_kinds_are_targets():
+    model = nn.ModuleDict({
+        "c1": nn.Conv1d(2, 4, 3), "c3": nn.Conv3d(2, 4, 3), "t2": nn.ConvTranspose2d(4, 2, 3),
+        "lin": nn.Linear(4, 4), "emb": nn.Embedding(100, 8),
+    })
+    plan = dp.Policy(default=dp.LayerSpec(bits=1), small_layer_bits=None).plan(model)
+    assert {r.name: r.kind for r in plan} == {"c1": "cv", "c3": "cv", "t2": "cv", "lin": "fc", "emb": "emb"}
+    assert plan.row("emb").spec is None and "embeddings are clustered only" in plan.row("emb").reason
+    with_emb = dp.Policy(default=dp.LayerSpec(bits=1), kinds={"emb": dp.LayerSpec(bits=2)}).plan(model)
+    assert with_emb.row("emb").spec.bits == 8  # small-layer rule: 800 weights
+
+
+def test_tied_weight_is_clustered_once_by_the_first_selected_user():
+    model = nn.ModuleDict({"wte": nn.Embedding(300, 64), "head": nn.Linear(64, 300, bias=False)})
+    model.head.weight = model.wte.weight
+    plan = dp.Policy.from_notation("fc:4/1").plan(model)
+    assert plan.row("head").clustered and plan.row("head").followers == ("wte",)
+    assert plan.row("wte").tied_to == "head" and not plan.row("wte").clustered
+
+
+def test_policy_dict_round_trip_rejects_unknown_keys():
+    policy = dp.Policy.from_notation("cv:4/2, fc:3/1", skip=("fc",), overrides={"x.*": None}, strict=True)
+    assert dp.Policy.from_dict(policy.to_dict()) == policy
+    with pytest.raises(dp.SpecError, match="unknown Policy field"):
+        dp.Policy.from_dict({"defaults": None})
+    with pytest.raises(dp.SpecError, match="not a valid regular expression"):
+        dp.Policy(overrides={"(": None})
+
+
+def test_resnet18_plan_under_cv4_4_fc4_2():
+    model = torchvision.models.resnet18()
+    plan = dp.Policy.from_notation("cv:4/4, fc:4/2").plan(model)
+    clustered = {r.name: (r.spec.bits, r.spec.dim) for r in plan.clustered()}
+    assert len(clustered) == 21  # 20 convolutions and the classifier
+    assert clustered["conv1"] == (8, 4)  # 9,408 weights: small-layer rule
+    assert clustered["layer2.0.downsample.0"] == (8, 4)  # 8,192 weights
+    assert clustered["layer3.0.downsample.0"] == (4, 4)
+    assert clustered["layer4.1.conv2"] == (4, 4)
+    assert clustered["fc"] == (4, 2)
+    skipped = plan.skipped()
+    assert len(skipped) == 20 and all(r.module_type == "BatchNorm2d" for r in skipped)
+    text = str(plan)
+    assert "layer4.1.conv2" in text and "21 clustered, 20 skipped" in text
