@@ -1,0 +1,69 @@
+"""register_dkm and remove_dkm: apply a policy's plan to a model's weights."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import RegistrationError
+from .parametrization import DKMParametrization
+from .policy import Plan, Policy
+
+# The plan each registered model was given, so finalize can report its skips
+# without storing anything on the user's model.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+def register_dkm(model: nn.Module, policy: Policy | None = None) -> Plan:
+    """Attach a DKMParametrization to every weight ``policy`` selects.
+
+    Returns the plan applied (print it for a table). A weight shared by
+    several modules gets one parametrization, registered on each of them.
+    Raises RegistrationError if the model already has DKM registered or a
+    selected weight holds NaN or Inf, SpecError for a policy that does not fit.
+    """
+    policy = policy if policy is not None else Policy()
+    registered = next(dkm_parametrizations(model), None)
+    if registered is not None:
+        raise RegistrationError(
+            f"model already has DKM registered (on '{registered[0]}'); "
+            "call dp.remove_dkm(model) or dp.finalize(model) before registering again"
+        )
+    plan = policy.plan(model)
+    for row in plan.clustered():
+        module = model.get_submodule(row.name)
+        weight = module.weight
+        if not torch.isfinite(weight).all():
+            raise RegistrationError(
+                f"layer '{row.name}' ({row.module_type}): weight holds NaN or Inf; "
+                "fix the model's weights or skip the layer in the policy"
+            )
+        param = DKMParametrization(weight, row.spec, name=row.name)
+        for name in (row.name, *row.followers):
+            parametrize.register_parametrization(model.get_submodule(name), "weight", param, unsafe=True)
+    _PLANS[model] = plan
+    return plan
+
+
+def remove_dkm(model: nn.Module) -> None:
+    """Take DKM off every weight, restoring the trained, unclustered weights."""
+    for _, module, _ in list(dkm_parametrizations(model)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    _PLANS.pop(model, None)
+
+
+def dkm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMParametrization]]:
+    """(module name, module, parametrization) for every weight with DKM registered."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for param in module.parametrizations.weight:
+                if isinstance(param, DKMParametrization):
+                    yield name, module, param
+
+
+def registered_plan(model: nn.Module) -> Plan | None:
+    return _PLANS.get(model)

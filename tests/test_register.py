@@ -1,0 +1,129 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import dkm_param as dp
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+POLICY = dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None)
+
+
+def test_register_returns_the_plan_and_parametrizes_selected_weights():
+    model = mlp()
+    plan = dp.register_dkm(model, POLICY)
+    assert [r.name for r in plan.clustered()] == ["0", "2", "4"]
+    for name in ("0", "2", "4"):
+        module = model.get_submodule(name)
+        assert parametrize.is_parametrized(module, "weight")
+        assert isinstance(module.parametrizations.weight[0], dp.DKMParametrization)
+    model.eval()
+    assert torch.unique(model[2].weight).numel() <= 4
+
+
+def test_registering_twice_is_an_error():
+    model = mlp()
+    dp.register_dkm(model, POLICY)
+    with pytest.raises(dp.RegistrationError, match=r"already has DKM registered \(on '0'\).*remove_dkm"):
+        dp.register_dkm(model, POLICY)
+
+
+def test_remove_dkm_restores_the_unclustered_weights():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    dp.register_dkm(model, POLICY)
+    dp.remove_dkm(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    dp.register_dkm(model, POLICY)  # and it can be registered again
+
+
+def test_non_finite_weight_is_rejected_with_the_layer_name():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[3, 3] = float("nan")
+    with pytest.raises(dp.RegistrationError, match=r"layer '2' \(Linear\): weight holds NaN or Inf"):
+        dp.register_dkm(model, POLICY)
+
+
+def test_training_step_updates_weights_and_codebooks():
+    model = mlp()
+    dp.register_dkm(model, POLICY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    original = model[2].parametrizations.weight.original.detach().clone()
+    codebook = model[2].parametrizations.weight[0].codebook.clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert model[2].parametrizations.weight.original.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(original, model[2].parametrizations.weight.original)
+    assert not torch.equal(codebook, model[2].parametrizations.weight[0].codebook)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(300, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 300, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.mid(self.wte(tokens))))
+
+
+def test_tied_weights_share_one_parametrization_and_one_result():
+    model = Tied()
+    plan = dp.register_dkm(model, dp.Policy.from_notation("fc:3/1"))
+    assert plan.row("wte").tied_to == "head"
+    param = model.head.parametrizations.weight[0]
+    assert model.wte.parametrizations.weight[0] is param
+    assert model.wte.weight is model.head.weight  # one clustering per step, seen by both
+    assert sum(1 for p in model.parameters() if p.shape == (300, 32)) == 1
+    loss = model(torch.randint(0, 300, (4, 7))).logsumexp(-1).mean()
+    loss.backward()
+    model.eval()
+    assert torch.equal(model.wte.weight, model.head.weight)
+
+
+def test_model_with_dkm_deep_copies_after_a_training_step():
+    model = mlp()
+    dp.register_dkm(model, POLICY)
+    model(torch.randn(2, 32)).sum()
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone[0].parametrizations.weight[0].codebook, model[0].parametrizations.weight[0].codebook)
+
+
+def test_checkpoint_resume_gives_the_same_next_steps():
+    def run(model, opt, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(steps):
+            x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    model = mlp()
+    dp.register_dkm(model, POLICY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run(model, opt, 3, seed=1)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    expected = run(model, opt, 3, seed=2)
+
+    fresh = mlp(seed=99)
+    dp.register_dkm(fresh, POLICY)
+    fresh.load_state_dict(checkpoint["model"])
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    fresh_opt.load_state_dict(checkpoint["opt"])
+    assert run(fresh, fresh_opt, 3, seed=2) == expected
