@@ -1,0 +1,34 @@
+"""Decode a dkm-param file with numpy and safetensors alone (no torch, no dkm_param)."""
+
+import json
+import sys
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+
+def decode(path):
+    """Return {name: numpy array}: every weight of the model, decoded."""
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    if meta.get("format") != "dkm-param" or meta.get("format_version") != "1":
+        raise ValueError(f"{path} is not a dkm-param version 1 file")
+    tensors = load_file(path)
+    weights = {}
+    for name, info in json.loads(meta["layers"]).items():
+        codebook = tensors.pop(name + ".codebook")  # (2**bits, dim)
+        packed = tensors.pop(name + ".indices")  # uint8, bits packed LSB first
+        bits, count = info["bits"], info["vectors"]
+        stream = np.unpackbits(packed, bitorder="little")[: count * bits]
+        indices = (stream.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+        weights[name] = codebook[indices].astype(info["dtype"]).reshape(info["shape"])
+    weights.update(tensors)
+    for alias, target in json.loads(meta["aliases"]).items():
+        weights[alias] = weights[target]
+    return weights
+
+
+if __name__ == "__main__":
+    for name, array in decode(sys.argv[1]).items():
+        print(name, array.dtype, array.shape)

@@ -1,0 +1,132 @@
+"""Size accounting and the summary table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .export import CompressedModel
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    shape: tuple[int, ...]
+    bits: int | None  # None: stored uncompressed
+    dim: int | None
+    params: int
+    bytes_before: int
+    bytes_after: int
+    note: str = ""
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight in the file, codebook included."""
+        return 8 * self.bytes_after / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per-layer sizes and totals; ``str()`` is a table.
+
+    bytes_before: every tensor of the model at its own dtype; bytes_after:
+    codebooks, packed indices and the tensors stored as they are. Tensors
+    shared by several names count once.
+    """
+
+    rows: tuple[SummaryRow, ...]
+    other_tensors: int
+    other_bytes: int
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows) + self.other_bytes
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows) + self.other_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "bits", "dim", "bits/w", "params", "before", "after", "note")
+        table = [header]
+        for r in self.rows:
+            table.append((
+                r.name,
+                "x".join(map(str, r.shape)),
+                str(r.bits) if r.bits else "-",
+                str(r.dim) if r.dim else "-",
+                f"{r.bits_per_weight:.2f}",
+                f"{r.params:,}",
+                _size(r.bytes_before),
+                _size(r.bytes_after),
+                r.note,
+            ))
+        table.append((f"other tensors ({self.other_tensors})", "", "", "", "", "", _size(self.other_bytes), _size(self.other_bytes), "stored as they are"))
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        right = {4, 5, 6, 7}
+        fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()  # noqa: E731
+        lines = [fmt(row) for row in table]
+        lines.insert(1, "-" * max(map(len, lines)))
+        lines.append("-" * max(map(len, lines)))
+        lines.append(
+            f"total: {_size(self.bytes_before)} -> {_size(self.bytes_after)}, "
+            f"compression {self.ratio:.2f}x ({len([r for r in self.rows if r.bits])} layers clustered)"
+        )
+        return "\n".join(lines)
+
+
+def summarize(model: CompressedModel) -> Summary:
+    rows = []
+    for name, layer in model.layers.items():
+        rows.append(SummaryRow(
+            name=name,
+            shape=layer.shape,
+            bits=layer.spec.bits,
+            dim=layer.spec.dim,
+            params=layer.numel,
+            bytes_before=layer.numel * _itemsize(layer.dtype),
+            bytes_after=layer.nbytes,
+            note=_tied_note(model, name),
+        ))
+    skipped_weights = set()
+    groups: dict[str, list] = {}  # modules that are no clustering target, by reason
+    for plan_row in model.skipped:
+        key = f"{plan_row.name}.weight" if plan_row.name else "weight"
+        tensor = model.tensors.get(key)
+        if tensor is None:
+            continue
+        skipped_weights.add(key)
+        if plan_row.kind is None:
+            groups.setdefault(plan_row.reason, []).append(tensor)
+            continue
+        size = tensor.numel() * tensor.element_size()
+        rows.append(SummaryRow(key, tuple(tensor.shape), None, None, tensor.numel(), size, size, f"skipped: {plan_row.reason}"))
+    for reason, tensors in groups.items():
+        numel = sum(t.numel() for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        rows.append(SummaryRow(f"({len(tensors)} weights)", (numel,), None, None, numel, size, size, f"skipped: {reason}"))
+    others = [t for k, t in model.tensors.items() if k not in skipped_weights]
+    other_bytes = sum(t.numel() * t.element_size() for t in others)
+    return Summary(rows=tuple(rows), other_tensors=len(others), other_bytes=other_bytes)
+
+
+def _tied_note(model: CompressedModel, name: str) -> str:
+    tied = sorted(a for a, t in model.aliases.items() if t == name)
+    return f"shared with {', '.join(tied)}" if tied else ""
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import dkm_param as dp
+
+PUBLIC = {
+    "CompressedLayer", "CompressedModel", "DKMError", "DKMParametrization", "FormatError", "LayerPlan",
+    "LayerSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
+    "load_compressed", "read_compressed", "register_dkm", "remove_dkm",
+}
+
+
+def test_public_api_surface_is_pinned():
+    assert set(dp.__all__) == PUBLIC
+    assert all(hasattr(dp, name) for name in PUBLIC)
+
+
+def test_error_hierarchy():
+    for cls in (dp.SpecError, dp.FormatError, dp.RegistrationError):
+        assert issubclass(cls, dp.DKMError) and issubclass(cls, ValueError)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, dkm_param;"
+        "heavy = [m for m in ('torchvision', 'matplotlib', 'numpy.testing', 'hypothesis', 'tqdm', 'rich') if m in sys.modules];"
+        "import torch; print(heavy, torch.cuda.is_initialized())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False"

@@ -1,0 +1,46 @@
+"""The README's code runs as written and its decoder matches the library."""
+
+import re
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dkm_param as dp
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_shows_the_numpy_decoder_verbatim():
+    decoder = (ROOT / "examples" / "decode_numpy.py").read_text().strip()
+    assert decoder in python_blocks()[2]
+
+
+@pytest.mark.parametrize("codebook_dtype", [None, torch.float16])
+def test_numpy_decoder_matches_the_library(tmp_path, codebook_dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    model[2].weight = torch.nn.Parameter(model[2].weight.detach())
+    dp.register_dkm(model, dp.Policy(kinds={"fc": dp.LayerSpec(bits=3, dim=2)}, small_layer_bits=None))
+    model.eval()
+    path = dp.finalize(model, codebook_dtype=codebook_dtype).save(tmp_path / "m.safetensors")
+    decode = runpy.run_path(str(ROOT / "examples" / "decode_numpy.py"))["decode"]
+    decoded = decode(str(path))
+    state = model.state_dict()
+    assert decoded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert np.array_equal(decoded[name], tensor.numpy()), name
+
+
+@pytest.mark.slow
+def test_quick_start_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks()[0], "README quick start", "exec"), {})
+    assert (tmp_path / "resnet18.dkm.safetensors").stat().st_size > 0
