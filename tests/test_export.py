@@ -103,8 +103,10 @@ def test_load_into_a_different_model_names_what_differs(tmp_path):
     path = compressed.save(tmp_path / "m.safetensors")
     other = convnet()
     other[7] = nn.Linear(128, 11)
-    with pytest.raises(dp.RegistrationError, match=r"shape differs: 7.weight: file \(10, 128\) vs model \(11, 128\)"):
+    with pytest.raises(dp.RegistrationError, match=r"shape or dtype differs: 7.weight: file \(10, 128\) vs model \(11, 128\)"):
         dp.load_compressed(path, other)
+    with pytest.raises(dp.RegistrationError, match=r"0.weight: file torch.float32 vs model torch.float64"):
+        dp.load_compressed(path, convnet().to(torch.float64))
     extra = nn.Sequential(*convnet(), nn.Linear(10, 2))
     with pytest.raises(dp.RegistrationError, match=r"missing from the file: 8.bias, 8.weight"):
         dp.load_compressed(path, extra)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -111,3 +112,21 @@ def test_half_precision_weights_cluster_in_float32():
     param = make(weight, dp.LayerSpec(bits=3))
     assert param.codebook.dtype == torch.float32
     assert param(weight).dtype == torch.bfloat16
+
+
+def test_non_finite_weights_are_detected_not_passed_on():
+    weight = torch.randn(256)
+    param = make(weight, dp.LayerSpec(bits=2))
+    param.name = "blocks.3"
+    broken = weight.clone()
+    broken[7] = float("inf")
+    with pytest.raises(dp.DKMError, match=r"layer 'blocks.3' \(2 bits, dim 1\): the weight holds NaN or Inf.*1 of 256"):
+        param(broken)
+    with torch.no_grad():
+        param.codebook[0] = float("nan")
+    with pytest.raises(dp.DKMError, match=r"clustering produced NaN or Inf centroids"):
+        param(weight)
+    param.eval()
+    broken[7] = float("nan")
+    with pytest.raises(dp.DKMError, match=r"layer 'blocks.3'.*the weight holds NaN or Inf"):
+        param(broken)

@@ -136,3 +136,14 @@ def test_resnet18_plan_under_cv4_4_fc4_2():
     assert len(skipped) == 20 and all(r.module_type == "BatchNorm2d" for r in skipped)
     text = str(plan)
     assert "layer4.1.conv2" in text and "21 clustered, 20 skipped" in text
+
+
+def test_integer_and_complex_weights_are_skipped_or_rejected():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model[1].weight = nn.Parameter(torch.zeros(64, 64, dtype=torch.complex64))
+    plan = dp.Policy(small_layer_bits=None).plan(model)
+    assert plan.row("1").spec is None and "dtype torch.complex64 is not floating point" in plan.row("1").reason
+    with pytest.raises(dp.SpecError, match=r"layer '1' \(Linear\): weight dtype torch.complex64 is not floating point"):
+        dp.Policy(strict=True).plan(model)
+    with pytest.raises(dp.SpecError, match=r"layer '1'"):
+        dp.Policy(overrides={"1": dp.LayerSpec()}).plan(model)

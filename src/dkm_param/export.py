@@ -325,6 +325,11 @@ def _load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
+    mismatched += [
+        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state and tuple(state[k].shape) == tuple(own[k].shape) and state[k].dtype != own[k].dtype
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -332,7 +337,7 @@ def _load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         if unexpected:
             parts.append(f"not in the model: {_few(unexpected)}")
         if mismatched:
-            parts.append(f"shape differs: {_few(mismatched)}")
+            parts.append(f"shape or dtype differs: {_few(mismatched)}")
         raise RegistrationError("file does not fit the model; " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model

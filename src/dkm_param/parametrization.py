@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dkm, kmeans
+from .errors import DKMError
 from .spec import LayerSpec
 
 
@@ -54,7 +55,10 @@ class DKMParametrization(nn.Module):
     def snap(self, weight: Tensor) -> Tensor:
         """Each vector replaced by its nearest centroid (no gradient to the weight)."""
         with torch.no_grad():
-            indices = kmeans.nearest(self.vectors(weight), self.codebook)
+            vectors = self.vectors(weight)
+            if not torch.isfinite(vectors).all():
+                raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
+            indices = kmeans.nearest(vectors, self.codebook)
         return self.codebook[indices].reshape(weight.shape).to(weight.dtype)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -63,9 +67,14 @@ class DKMParametrization(nn.Module):
         key = self._key(weight)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
+        vectors = self.vectors(weight)
+        if not torch.isfinite(vectors.detach()).all():
+            raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         soft, codebook, _ = dkm.soft_cluster(
-            self.vectors(weight), self.codebook.clone(), float(self.tau), self.spec.max_iter, float(self.epsilon)
+            vectors, self.codebook.clone(), float(self.tau), self.spec.max_iter, float(self.epsilon)
         )
+        if not torch.isfinite(codebook).all():  # never pass NaN on to the model
+            raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
         with torch.no_grad():
             self.codebook.copy_(codebook)  # warm start for the next step
         out = soft.reshape(weight.shape).to(weight.dtype)
@@ -73,6 +82,14 @@ class DKMParametrization(nn.Module):
             out.register_hook(self._forget)
         self._cached = (self._key(weight), out)
         return out
+
+    def _non_finite(self, what: str, weight: Tensor) -> str:
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        return (
+            f"layer '{self.name}' ({self.spec.bits} bits, dim {self.spec.dim}): {what} "
+            f"({bad} of {weight.numel()} weights are not finite); lower the learning rate or clip "
+            "gradients, and resume from the last finite checkpoint"
+        )
 
     def __getstate__(self):
         # the cached result holds an autograd graph, which neither pickles nor deep-copies

@@ -255,7 +255,7 @@ class Policy:
                     reason = f"small layer (< {self.small_layer_params} weights): {self.small_layer_bits} bits"
             if spec is not None and not weight.is_floating_point():
                 spec, reason = None, f"weight dtype {weight.dtype} is not floating point"
-                if not general:
+                if not general or self.strict:
                     raise SpecError(f"layer '{name}' ({type(module).__name__}): {reason}; skip it in the policy")
             if spec is not None:
                 misfit = spec.misfit(numel)
