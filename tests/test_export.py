@@ -117,12 +117,11 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = compressed.save(tmp_path / "m.safetensors")
     good = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def broken(handle, data):
+        handle.write(data[: len(data) // 2])  # the process dies halfway through the write
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_file", broken)
+    monkeypatch.setattr(export, "_write_all", broken)
     with pytest.raises(OSError, match="disk full"):
         compressed.save(path)
     assert path.read_bytes() == good

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -121,14 +121,7 @@ class CompressedModel:
             "aliases": json.dumps(self.aliases),
         }
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_atomic(path, _canonical(save(tensors, metadata=metadata)))
         return path
 
     def summary(self):
@@ -136,6 +129,39 @@ class CompressedModel:
         from .report import summarize
 
         return summarize(self)
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The same safetensors file with its header's keys sorted.
+
+    safetensors keeps metadata in a hash map whose order changes from process
+    to process; sorting makes equal models give byte-identical files. Data
+    offsets are relative to the end of the header, so they stay valid.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + blob[8 + size :]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_all(handle, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), 1 << 24):
+        handle.write(view[start : start + (1 << 24)])
 
 
 def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> CompressedModel:
