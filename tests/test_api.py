@@ -6,7 +6,7 @@ import dkm_param as dp
 PUBLIC = {
     "CompressedLayer", "CompressedModel", "DKMError", "DKMParametrization", "FormatError", "LayerPlan",
     "LayerSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
-    "load_compressed", "read_compressed", "register_dkm", "remove_dkm",
+    "load_compressed", "read_compressed", "palettize", "fisher", "register_dkm", "remove_dkm",
 }
 
 

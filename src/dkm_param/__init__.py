@@ -2,6 +2,7 @@
 
 from .errors import DKMError, FormatError, RegistrationError, SpecError
 from .export import CompressedLayer, CompressedModel, finalize, load_compressed, read_compressed
+from .palettize import fisher, palettize
 from .parametrization import DKMParametrization
 from .policy import LayerPlan, Plan, Policy
 from .register import register_dkm, remove_dkm
@@ -24,7 +25,9 @@ __all__ = [
     "SpecError",
     "Summary",
     "finalize",
+    "fisher",
     "load_compressed",
+    "palettize",
     "read_compressed",
     "register_dkm",
     "remove_dkm",

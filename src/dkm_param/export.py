@@ -189,18 +189,26 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
         # the layer the plan chose leads; the others alias its weight
         members.sort(key=lambda member: member[0] != param.name)
         (lead_name, lead), followers = members[0], members[1:]
-        layers[_weight_key(lead_name)] = _snap_and_remove(param, lead, lead_name, codebook_dtype)
+        layers[weight_key(lead_name)] = _snap_and_remove(param, lead, lead_name, codebook_dtype)
         for name, module in followers:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            aliases[_weight_key(name)] = _weight_key(lead_name)
-    tensors, shared = _plain_tensors(model.state_dict(), skip=set(layers) | set(aliases))
-    aliases.update(shared)
+            aliases[weight_key(name)] = weight_key(lead_name)
     plan = registered_plan(model)
-    skipped = plan.skipped() if plan is not None else []
-    return CompressedModel(layers=layers, tensors=tensors, aliases=aliases, skipped=skipped)
+    return assemble(model.state_dict(), layers, aliases, plan.skipped() if plan is not None else [])
 
 
-def _weight_key(module_name: str) -> str:
+def assemble(
+    state: dict[str, Tensor], layers: dict[str, CompressedLayer], aliases: dict[str, str], skipped
+) -> CompressedModel:
+    """A CompressedModel of ``layers`` plus every other tensor of ``state`` (a state_dict)."""
+    aliases = dict(aliases)
+    tensors, shared = _plain_tensors(state, skip=set(layers) | set(aliases))
+    aliases.update(shared)
+    return CompressedModel(layers=layers, tensors=tensors, aliases=aliases, skipped=list(skipped))
+
+
+def weight_key(module_name: str) -> str:
+    """The state_dict key of a module's weight."""
     return f"{module_name}.weight" if module_name else "weight"
 
 

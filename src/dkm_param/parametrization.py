@@ -28,18 +28,21 @@ class DKMParametrization(nn.Module):
     every reader sees the same tensor.
     """
 
-    def __init__(self, weight: Tensor, spec: LayerSpec, name: str = ""):
+    def __init__(self, weight: Tensor, spec: LayerSpec, name: str = "", codebook: Tensor | None = None):
+        """codebook: (k, d) starting centroids (e.g. from ``palettize``) instead of ``spec.init``."""
         super().__init__()
         self.spec = spec
         self.name = name
         vectors = weight.detach().to(compute_dtype(weight.dtype)).reshape(-1, spec.dim)
-        codebook = kmeans.init_codebook(vectors, spec.clusters, spec.init, spec.seed)
+        if codebook is None:
+            codebook = kmeans.init_codebook(vectors, spec.clusters, spec.init, spec.seed)
+        codebook = codebook.to(device=vectors.device, dtype=vectors.dtype)
         if spec.tau is not None:
             tau = torch.tensor(spec.tau, dtype=vectors.dtype)
         else:
             tau = spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
-            if tau <= 0:  # the weight already has at most k distinct vectors
-                tau = spec.tau_rel * vectors.pow(2).mean().clamp_min(torch.finfo(vectors.dtype).tiny)
+            if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
+                tau = spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
         self.register_buffer("codebook", codebook.contiguous())
         self.register_buffer("tau", torch.as_tensor(tau, dtype=vectors.dtype).clone())
         self.register_buffer("epsilon", (spec.epsilon * vectors.std(unbiased=False)).to(vectors.dtype))
@@ -103,3 +106,12 @@ class DKMParametrization(nn.Module):
     def _forget(self, grad: Tensor) -> None:
         # backward has consumed the graph: the next read must build a new one
         self._cached = None
+
+
+def _spacing(codebook: Tensor) -> Tensor:
+    """Mean squared error a uniform spread of vectors would have around these
+    centroids: the squared distance to the nearest other centroid, over 12."""
+    if codebook.shape[0] < 2:
+        return codebook.new_zeros(())
+    gaps = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf")).min(1).values
+    return gaps[torch.isfinite(gaps) & (gaps > 0)].mean().nan_to_num(0.0) / 12

@@ -18,11 +18,13 @@ from .policy import Plan, Policy
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
 
 
-def register_dkm(model: nn.Module, policy: Policy | None = None) -> Plan:
+def register_dkm(model: nn.Module, policy: Policy | None = None, init: "CompressedModel | None" = None) -> Plan:
     """Attach a DKMParametrization to every weight ``policy`` selects.
 
     Returns the plan applied (print it for a table). A weight shared by
     several modules gets one parametrization, registered on each of them.
+    init: a CompressedModel (e.g. from ``palettize(..., inplace=False)``)
+    whose codebooks seed the layers it holds, instead of ``spec.init``.
     Raises RegistrationError if the model already has DKM registered or a
     selected weight holds NaN or Inf, SpecError for a policy that does not fit.
     """
@@ -42,11 +44,28 @@ def register_dkm(model: nn.Module, policy: Policy | None = None) -> Plan:
                 f"layer '{row.name}' ({row.module_type}): weight holds NaN or Inf; "
                 "fix the model's weights or skip the layer in the policy"
             )
-        param = DKMParametrization(weight, row.spec, name=row.name)
+        param = DKMParametrization(weight, row.spec, name=row.name, codebook=_seed(init, row))
         for name in (row.name, *row.followers):
             parametrize.register_parametrization(model.get_submodule(name), "weight", param, unsafe=True)
     _PLANS[model] = plan
     return plan
+
+
+def _seed(init, row):
+    """The codebook ``init`` holds for this row's weight, checked against its spec."""
+    if init is None:
+        return None
+    key = f"{row.name}.weight" if row.name else "weight"
+    layer = init.layers.get(key)
+    if layer is None:
+        return None
+    want = (row.spec.clusters, row.spec.dim)
+    if tuple(layer.codebook.shape) != want:
+        raise RegistrationError(
+            f"layer '{row.name}': the seeding codebook has shape {tuple(layer.codebook.shape)}, "
+            f"the policy asks for {want} (bits={row.spec.bits}, dim={row.spec.dim}); use the same policy for both"
+        )
+    return layer.codebook
 
 
 def remove_dkm(model: nn.Module) -> None:

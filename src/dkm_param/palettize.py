@@ -1,0 +1,138 @@
+"""Post-training palettization: cluster each selected weight once, no training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import kmeans
+from .errors import DKMError, RegistrationError
+from .export import CompressedLayer, CompressedModel, assemble, weight_key
+from .parametrization import compute_dtype
+from .policy import Policy, weight_of
+from .register import dkm_parametrizations
+
+
+def palettize(
+    model: nn.Module,
+    policy: Policy | None = None,
+    *,
+    sensitivity: Mapping[str, Tensor] | None = None,
+    optimal: bool = False,
+    codebook_dtype: torch.dtype | None = None,
+    inplace: bool = True,
+) -> CompressedModel:
+    """Cluster every weight ``policy`` selects with k-means, in seconds.
+
+    Returns the same CompressedModel (and file format) as ``finalize``.
+    sensitivity: per module name, a tensor of the weight's shape weighting
+        each value in the clustering (e.g. from ``fisher``); vectors weigh
+        the sum of their values' sensitivities.
+    optimal: 1-D layers use the exact dynamic-programming k-means (slower)
+        instead of Lloyd on sorted values.
+    inplace: write the snapped weights into ``model`` (default); with False
+        the model keeps its weights, e.g. to seed DKM from the result with
+        ``register_dkm(model, policy, init=compressed)``.
+    Raises RegistrationError for a model with DKM registered.
+    """
+    if next(dkm_parametrizations(model), None) is not None:
+        raise RegistrationError("model has DKM registered; call dp.finalize(model) instead, or dp.remove_dkm first")
+    policy = policy if policy is not None else Policy()
+    plan = policy.plan(model)
+    layers: dict[str, CompressedLayer] = {}
+    aliases: dict[str, str] = {}
+    for row in plan.clustered():
+        weight = weight_of(model.get_submodule(row.name))
+        importance = None if sensitivity is None else sensitivity.get(row.name)
+        layers[weight_key(row.name)] = cluster_weight(
+            weight.detach(), row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype
+        )
+        if inplace:
+            with torch.no_grad():
+                weight.copy_(layers[weight_key(row.name)].weight())
+        for follower in row.followers:
+            aliases[weight_key(follower)] = weight_key(row.name)
+    return assemble(model.state_dict(), layers, aliases, plan.skipped())
+
+
+def cluster_weight(
+    weight: Tensor,
+    spec,
+    name: str = "",
+    importance: Tensor | None = None,
+    optimal: bool = False,
+    codebook_dtype: torch.dtype | None = None,
+) -> CompressedLayer:
+    """k-means of one weight into a CompressedLayer (codebook, indices)."""
+    if not torch.isfinite(weight).all():
+        raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
+    vectors = weight.to(compute_dtype(weight.dtype)).reshape(-1, spec.dim)
+    mass = None
+    if importance is not None:
+        if importance.shape != weight.shape:
+            raise DKMError(
+                f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
+                "pass one value per weight"
+            )
+        mass = importance.detach().to(vectors.dtype).reshape(-1, spec.dim).sum(1)
+        if not torch.isfinite(mass).all() or (mass < 0).any():
+            raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
+        if mass.sum() <= 0:
+            mass = None  # the loss ignores this layer: cluster plainly
+    try:
+        if spec.dim == 1:
+            engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
+            extra = {} if optimal else {"seed": spec.seed}
+            centroids, _ = engine(vectors[:, 0], spec.clusters, weights=mass, **extra)
+            codebook = centroids[:, None]
+        else:
+            codebook, _ = kmeans.kmeans_vectors(vectors, spec.clusters, weights=mass, seed=spec.seed)
+    except kmeans.EmptyClusterError as exc:
+        raise kmeans.EmptyClusterError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
+    stored = codebook_dtype or weight.dtype
+    codebook = codebook.to(stored).to(vectors.dtype)  # assign against the codebook as stored
+    indices = kmeans.nearest(vectors, codebook)
+    return CompressedLayer(
+        shape=tuple(weight.shape),
+        dtype=weight.dtype,
+        spec=spec,
+        codebook=codebook.to(stored).cpu(),
+        indices=indices.to(torch.uint8).cpu(),
+    )
+
+
+def fisher(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher information of every weight: mean squared gradient over ``batches``.
+
+    batches: inputs, or (inputs, targets) pairs. Without targets the model's
+    own predictions (argmax) stand in for them. loss_fn(outputs, targets)
+    defaults to cross entropy. Returns {module name: tensor of the weight's shape}.
+    """
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    weights = {name: weight_of(m) for name, m in model.named_modules() if weight_of(m) is not None}
+    totals = {name: torch.zeros_like(w, dtype=compute_dtype(w.dtype)) for name, w in weights.items()}
+    was_training = model.training
+    model.eval()
+    count = 0
+    for batch in batches:
+        inputs, targets = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        model.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        if targets is None:
+            targets = outputs.detach().argmax(-1)
+        loss_fn(outputs, targets).backward()
+        for name, w in weights.items():
+            if w.grad is not None:
+                totals[name] += w.grad.detach().to(totals[name].dtype).pow(2)
+        count += 1
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if count == 0:
+        raise DKMError("fisher needs at least one calibration batch")
+    return {name: total / count for name, total in totals.items()}

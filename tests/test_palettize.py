@@ -1,0 +1,135 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import dkm_param as dp
+from dkm_param import kmeans
+
+from strategies import seeds
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+POLICY = dp.Policy(default=dp.LayerSpec(bits=3), small_layer_bits=None)
+
+
+def weighted_error(weight, layer, mass):
+    return float((mass * (weight - layer.weight()).pow(2)).sum())
+
+
+def test_palettize_writes_snapped_weights_in_the_finalize_format(tmp_path):
+    model = mlp()
+    compressed = dp.palettize(model, POLICY)
+    assert set(compressed.layers) == {"0.weight", "2.weight", "4.weight"}
+    for name, layer in compressed.layers.items():
+        assert torch.equal(model.state_dict()[name], layer.weight())
+        assert torch.unique(layer.weight()).numel() <= 8
+    path = compressed.save(tmp_path / "p.safetensors")
+    fresh = dp.load_compressed(path, mlp(seed=1))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_not_inplace_leaves_the_model_alone():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(compressed.layers["2.weight"].weight(), before["2.weight"])
+    assert torch.equal(compressed.tensors["2.bias"], before["2.bias"])
+
+
+def test_1d_inertia_is_no_worse_than_scikit_learn():
+    from sklearn.cluster import KMeans
+
+    weight = torch.randn(300, 100, generator=torch.Generator().manual_seed(0)) * 0.03
+    for bits in (2, 4, 6):
+        spec = dp.LayerSpec(bits=bits)
+        from dkm_param.palettize import cluster_weight
+
+        ours = cluster_weight(weight, spec)
+        ref = KMeans(n_clusters=spec.clusters, n_init=1, random_state=0).fit(weight.reshape(-1, 1).double().numpy())
+        assert weighted_error(weight.double(), ours, 1.0) <= ref.inertia_ * 1.001
+
+
+@given(seed=seeds, bits=st.integers(1, 4))
+def test_sensitivity_weighting_lowers_the_weighted_error(seed, bits):
+    from dkm_param.palettize import cluster_weight
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(40, 25, generator=gen, dtype=torch.float64)
+    importance = torch.rand(40, 25, generator=gen, dtype=torch.float64) ** 4 * 100
+    spec = dp.LayerSpec(bits=bits)
+    plain = cluster_weight(weight, spec, optimal=True)
+    weighted = cluster_weight(weight, spec, importance=importance, optimal=True)
+    assert weighted_error(weight, weighted, importance) <= weighted_error(weight, plain, importance) * (1 + 1e-9)
+
+
+@given(seed=seeds, bits=st.integers(1, 5))
+def test_optimal_option_is_at_least_as_good_as_lloyd(seed, bits):
+    from dkm_param.palettize import cluster_weight
+
+    weight = torch.randn(30, 20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    spec = dp.LayerSpec(bits=bits)
+    best = weighted_error(weight, cluster_weight(weight, spec, optimal=True), 1.0)
+    assert best <= weighted_error(weight, cluster_weight(weight, spec), 1.0) * (1 + 1e-9)
+
+
+def test_vector_layers_use_em_and_fill_the_codebook():
+    model = mlp()
+    compressed = dp.palettize(model, dp.Policy(default=dp.LayerSpec(bits=4, dim=4), small_layer_bits=None))
+    layer = compressed.layers["2.weight"]
+    assert layer.codebook.shape == (16, 4)
+    assert torch.bincount(layer.indices.long(), minlength=16).min() > 0
+
+
+def test_fisher_gives_one_non_negative_tensor_per_weight():
+    model = mlp()
+    x = torch.randn(16, 64)
+    with_labels = dp.fisher(model, [(x, torch.arange(16) % 10)])
+    own = dp.fisher(model, [x, x])
+    for name in ("0", "2", "4"):
+        weight = model.get_submodule(name).weight
+        assert with_labels[name].shape == own[name].shape == weight.shape
+        assert (own[name] >= 0).all() and own[name].sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(dp.DKMError, match="at least one calibration batch"):
+        dp.fisher(model, [])
+
+
+def test_palettized_codebooks_seed_dkm():
+    model = mlp()
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    dp.register_dkm(model, POLICY, init=compressed)
+    for name, layer in compressed.layers.items():
+        param = model.get_submodule(name.removesuffix(".weight")).parametrizations.weight[0]
+        assert torch.equal(param.codebook, layer.codebook)
+        assert param.tau > 0
+    model.eval()
+    assert torch.equal(model[2].weight, compressed.layers["2.weight"].weight())
+
+
+def test_snapped_weights_still_get_a_usable_temperature():
+    model = mlp()
+    compressed = dp.palettize(model, POLICY)  # in place: the weights sit on the centroids
+    dp.register_dkm(model, POLICY, init=compressed)
+    x = torch.randn(8, 64)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    grad = model[2].parametrizations.weight.original.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_errors_name_the_problem():
+    model = mlp()
+    with pytest.raises(dp.RegistrationError, match="seeding codebook has shape"):
+        dp.register_dkm(mlp(), dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None), init=dp.palettize(model, POLICY, inplace=False))
+    with pytest.raises(dp.DKMError, match=r"layer '2': sensitivity has shape \(3,\)"):
+        dp.palettize(model, POLICY, sensitivity={"2": torch.ones(3)})
+    dp.register_dkm(model, POLICY)
+    with pytest.raises(dp.RegistrationError, match="model has DKM registered"):
+        dp.palettize(model, POLICY)
