@@ -17,12 +17,21 @@ def decode(path):
     tensors = load_file(path)
     weights = {}
     for name, info in json.loads(meta["layers"]).items():
-        codebook = tensors.pop(name + ".codebook")  # (2**bits, dim)
+        codebook = tensors.pop(name + ".codebook")  # (2**bits, dim) or (groups, 2**bits, dim)
         packed = tensors.pop(name + ".indices")  # uint8, bits packed LSB first
         bits, count = info["bits"], info["vectors"]
         stream = np.unpackbits(packed, bitorder="little")[: count * bits]
         indices = (stream.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
-        weights[name] = codebook[indices].astype(info["dtype"]).reshape(info["shape"])
+        if codebook.ndim == 3:  # one codebook per group of output channels, groups in order
+            vectors = codebook[np.arange(count) // (count // len(codebook)), indices]
+        else:
+            vectors = codebook[indices]
+        work = np.float64 if info["dtype"] == "float64" else np.float32
+        rows = info["shape"][0] if len(info["shape"]) > 1 else 1
+        vectors = vectors.astype(work).reshape(rows, -1)
+        if name + ".scale" in tensors:  # per output channel
+            vectors = vectors * tensors.pop(name + ".scale").astype(work)[:, None]
+        weights[name] = vectors.astype(info["dtype"]).reshape(info["shape"])
     weights.update(tensors)
     for alias, target in json.loads(meta["aliases"]).items():
         weights[alias] = weights[target]

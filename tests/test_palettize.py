@@ -133,3 +133,58 @@ def test_errors_name_the_problem():
     dp.register_dkm(model, POLICY)
     with pytest.raises(dp.RegistrationError, match="model has DKM registered"):
         dp.palettize(model, POLICY)
+
+
+@given(seed=seeds, bits=st.integers(1, 3), group_size=st.sampled_from([1, 2, 5]))
+def test_per_group_codebooks_never_fit_worse_than_one_per_tensor(seed, bits, group_size):
+    from dkm_param.palettize import cluster_weight
+
+    weight = torch.randn(10, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    whole = cluster_weight(weight, dp.LayerSpec(bits=bits), optimal=True)
+    grouped = cluster_weight(weight, dp.LayerSpec(bits=bits, group_size=group_size), optimal=True)
+    assert grouped.codebook.shape == (10 // group_size, 2**bits, 1)
+    assert weighted_error(weight, grouped, 1.0) <= weighted_error(weight, whole, 1.0) * (1 + 1e-9) + 1e-12
+    for g in range(10 // group_size):
+        rows = grouped.weight()[g * group_size : (g + 1) * group_size]
+        assert set(rows.flatten().tolist()) <= set(grouped.codebook[g, :, 0].tolist())
+
+
+def test_channel_scale_decodes_as_scale_times_codebook():
+    from dkm_param.palettize import cluster_weight
+
+    weight = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1e-2, 1.0, 10.0, 100.0, 0.0])[:, None]
+    layer = cluster_weight(weight, dp.LayerSpec(bits=3, channel_scale=True))
+    assert layer.scale.shape == (6,) and layer.scale[5] == 1.0  # an all-zero channel keeps scale 1
+    decoded = layer.weight()
+    nearest_to_zero = layer.codebook[layer.codebook.abs().argmin(), 0]
+    assert torch.equal(decoded[5], nearest_to_zero.expand(40))
+    relative = ((decoded - weight).norm(dim=1) / weight.norm(dim=1).clamp_min(1e-30))[:5]
+    assert (relative < 0.3).all()  # every channel fits, whatever its scale
+    unscaled = cluster_weight(weight, dp.LayerSpec(bits=3)).weight()
+    assert ((unscaled - weight)[0].norm() / weight[0].norm()) > 0.9  # one codebook cannot serve 1e-3 and 100
+
+
+@pytest.mark.parametrize("spec", [dp.LayerSpec(bits=2, group_size=4), dp.LayerSpec(bits=2, dim=2, channel_scale=True), dp.LayerSpec(bits=3, group_size=8, channel_scale=True)])
+def test_dkm_with_groups_and_scales_trains_finalizes_and_round_trips(spec, tmp_path):
+    model = mlp()
+    dp.register_dkm(model, dp.Policy(default=spec, small_layer_bits=None))
+    x, y = torch.randn(16, 64), torch.arange(16) % 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.isfinite(model[2].parametrizations.weight.original.grad).all()
+    model.eval()
+    compressed = dp.finalize(model, codebook_dtype=torch.float16)
+    layer = compressed.layers["2.weight"]
+    groups = 128 // spec.group_size if spec.group_size else 1
+    assert layer.codebook.shape == ((groups,) if groups > 1 else ()) + (spec.clusters, spec.dim)
+    assert (layer.scale is not None) == spec.channel_scale
+    path = compressed.save(tmp_path / "g.safetensors")
+    fresh = dp.load_compressed(path, mlp(seed=3))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    read = dp.read_compressed(path).layers["2.weight"]
+    assert read.spec.group_size == spec.group_size and read.spec.channel_scale == spec.channel_scale
+    summary_row = next(r for r in compressed.summary().rows if r.name == "2.weight")
+    assert summary_row.bytes_after == layer.nbytes

@@ -46,5 +46,9 @@ def test_misfit_names_the_cause_and_a_way_out():
     assert dp.LayerSpec(dim=4).misfit(64) is None
     msg = dp.LayerSpec(dim=5).misfit(36864)
     assert "dim=5 does not divide the weight" in msg and "36864" in msg and "8" in msg
+    msg = dp.LayerSpec(dim=4, group_size=2).misfit((64, 3, 3, 3))
+    assert "choose a dim that divides an output channel's 27 values" in msg
+    assert "group_size=3 does not divide the 64 output channels" in dp.LayerSpec(group_size=3).misfit((64, 10))
+    assert "vectors per group are fewer than the 16 clusters" in dp.LayerSpec(group_size=1).misfit((64, 10))
     msg = dp.LayerSpec(bits=8).misfit(100)
     assert "100 vectors are fewer than the 256 clusters" in msg and "bits <= 6" in msg

@@ -20,7 +20,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import kmeans, packing
+from . import layout, packing
 from .errors import DKMError, FormatError, RegistrationError
 from .policy import LayerPlan
 from .register import dkm_parametrizations, registered_plan
@@ -46,8 +46,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 class CompressedLayer:
     """One clustered weight: ``weight = codebook[indices].reshape(shape)``.
 
-    codebook: (k, d) centroids; indices: (n,) uint8, one per vector of d
-    consecutive weights; dtype: the weight's own dtype.
+    codebook: (k, d) centroids, or (groups, k, d) with one codebook per group
+    of output channels; indices: (n,) uint8, one per vector of d consecutive
+    weights, groups in order; scale: (rows,) per-channel scale or None;
+    dtype: the weight's own dtype. See ``layout`` for the exact reading.
     """
 
     shape: tuple[int, ...]
@@ -55,9 +57,10 @@ class CompressedLayer:
     spec: LayerSpec
     codebook: Tensor
     indices: Tensor
+    scale: Tensor | None = None
 
     def weight(self) -> Tensor:
-        return self.codebook.to(self.dtype)[self.indices.long()].reshape(self.shape)
+        return layout.decode(self.codebook, self.indices, self.shape, self.dtype, self.scale)
 
     @property
     def numel(self) -> int:
@@ -67,7 +70,8 @@ class CompressedLayer:
     def nbytes(self) -> int:
         """Bytes this layer takes in the file: codebook plus packed indices."""
         codebook = self.codebook.numel() * self.codebook.element_size()
-        return codebook + packing.packed_size(self.indices.numel(), self.spec.bits)
+        scale = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return codebook + scale + packing.packed_size(self.indices.numel(), self.spec.bits)
 
 
 @dataclass
@@ -112,6 +116,10 @@ class CompressedModel:
                 "vectors": layer.indices.numel(),
                 "packing": "lsb",
             }
+            if layer.codebook.dim() == 3:
+                layers_meta[name]["group_size"] = layer.spec.group_size
+            if layer.scale is not None:
+                tensors[f"{name}.scale"] = layer.scale.detach().cpu().contiguous()
         for name, tensor in self.tensors.items():
             tensors[name] = tensor.detach().cpu().contiguous()
         metadata = {
@@ -224,8 +232,8 @@ def _snap_and_remove(param, module: nn.Module, name: str, codebook_dtype: torch.
                 f"layer '{name}': the codebook holds NaN or Inf after training; "
                 "lower the learning rate or raise tau, and resume from a finite checkpoint"
             )
-        indices = kmeans.nearest(param.vectors(original), param.codebook)
-        snapped = param.codebook[indices].to(original.dtype).reshape(original.shape)
+        indices = param.assign(original)
+        snapped = layout.decode(param.codebook, indices, tuple(original.shape), original.dtype, param.scale)
         param.eval()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     if not torch.equal(module.weight, snapped):  # snapping is deterministic; guard the contract
@@ -236,6 +244,7 @@ def _snap_and_remove(param, module: nn.Module, name: str, codebook_dtype: torch.
         spec=param.spec,
         codebook=param.codebook.detach().to(stored).cpu(),
         indices=indices.to(torch.uint8).cpu(),
+        scale=None if param.scale is None else param.scale.detach().cpu(),
     )
 
 
@@ -282,7 +291,7 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
         aliases = _json(path, meta, "aliases")
         keys = set(f.keys())
         layers = {name: _read_layer(path, f, keys, name, info) for name, info in layers_meta.items()}
-        used = {f"{n}.{part}" for n in layers for part in ("codebook", "indices")}
+        used = {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
         tensors = {k: f.get_tensor(k) for k in sorted(keys - used)}
     for alias, target in aliases.items():
         if target not in layers and target not in tensors:
@@ -324,9 +333,29 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
     for part in ("codebook", "indices"):
         if f"{name}.{part}" not in keys:
             raise FormatError(f"{where}: tensor {name}.{part} is missing")
+    group_size = info.get("group_size")
+    rows = layout.rows(shape)
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or rows % group_size):
+        raise FormatError(f"{where}: group_size {group_size!r} does not divide its {rows} output channels")
+    groups = layout.groups(shape, group_size)
+    if vectors % groups:
+        raise FormatError(f"{where}: {vectors} vectors do not split into {groups} groups")
     codebook_shape = tuple(f.get_slice(f"{name}.codebook").get_shape())
-    if len(codebook_shape) != 2 or codebook_shape[1] != dim or not 1 <= codebook_shape[0] <= (1 << bits):
-        raise FormatError(f"{where}: codebook shape {codebook_shape} does not fit bits={bits}, dim={dim}")
+    lead = (groups,) if group_size is not None else ()
+    if (
+        len(codebook_shape) != len(lead) + 2
+        or codebook_shape[: len(lead)] != lead
+        or codebook_shape[-1] != dim
+        or not 1 <= codebook_shape[-2] <= (1 << bits)
+    ):
+        raise FormatError(f"{where}: codebook shape {codebook_shape} does not fit bits={bits}, dim={dim}, groups={groups}")
+    scale = None
+    if f"{name}.scale" in keys:
+        if tuple(f.get_slice(f"{name}.scale").get_shape()) != (rows,):
+            raise FormatError(f"{where}: scale must have shape ({rows},)")
+        scale = f.get_tensor(f"{name}.scale")
+        if scale.dtype not in _DTYPE_NAMES or not torch.isfinite(scale).all():
+            raise FormatError(f"{where}: scale must be finite floats")
     indices_shape = tuple(f.get_slice(f"{name}.indices").get_shape())
     if indices_shape != (packing.packed_size(vectors, bits),):
         raise FormatError(
@@ -341,10 +370,12 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
     if not torch.isfinite(codebook).all():
         raise FormatError(f"{where}: codebook holds NaN or Inf")
     indices = packing.unpack(packed, bits, vectors)
-    if vectors and int(indices.max()) >= codebook.shape[0]:
-        raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {codebook.shape[0]}-entry codebook")
+    entries = codebook.shape[-2]
+    if vectors and int(indices.max()) >= entries:
+        raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {entries}-entry codebook")
+    spec = LayerSpec(bits=bits, dim=dim, group_size=group_size, channel_scale=scale is not None)
     return CompressedLayer(
-        shape=shape, dtype=dtype, spec=LayerSpec(bits=bits, dim=dim), codebook=codebook, indices=indices.to(torch.uint8)
+        shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices.to(torch.uint8), scale=scale
     )
 
 

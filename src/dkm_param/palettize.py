@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import kmeans
+from . import kmeans, layout
 from .errors import DKMError, RegistrationError
 from .export import CompressedLayer, CompressedModel, assemble, weight_key
 from .parametrization import compute_dtype
@@ -68,38 +68,43 @@ def cluster_weight(
     """k-means of one weight into a CompressedLayer (codebook, indices)."""
     if not torch.isfinite(weight).all():
         raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
-    vectors = weight.to(compute_dtype(weight.dtype)).reshape(-1, spec.dim)
-    mass = None
+    work = weight.to(compute_dtype(weight.dtype))
+    scale = layout.channel_scale(work) if spec.channel_scale else None
+    groups = layout.grouped_vectors(work, spec.dim, spec.group_size, scale)  # (G, n, d)
+    masses = None
     if importance is not None:
         if importance.shape != weight.shape:
             raise DKMError(
                 f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
                 "pass one value per weight"
             )
-        mass = importance.detach().to(vectors.dtype).reshape(-1, spec.dim).sum(1)
-        if not torch.isfinite(mass).all() or (mass < 0).any():
+        masses = layout.grouped_vectors(importance.detach().to(work.dtype), spec.dim, spec.group_size).sum(2)
+        if not torch.isfinite(masses).all() or (masses < 0).any():
             raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
-        if mass.sum() <= 0:
-            mass = None  # the loss ignores this layer: cluster plainly
-    try:
-        if spec.dim == 1:
-            engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
-            extra = {} if optimal else {"seed": spec.seed}
-            centroids, _ = engine(vectors[:, 0], spec.clusters, weights=mass, **extra)
-            codebook = centroids[:, None]
-        else:
-            codebook, _ = kmeans.kmeans_vectors(vectors, spec.clusters, weights=mass, seed=spec.seed)
-    except kmeans.EmptyClusterError as exc:
-        raise kmeans.EmptyClusterError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
     stored = codebook_dtype or weight.dtype
-    codebook = codebook.to(stored).to(vectors.dtype)  # assign against the codebook as stored
-    indices = kmeans.nearest(vectors, codebook)
+    books, indices = [], []
+    for g, vectors in enumerate(groups):
+        mass = None if masses is None or masses[g].sum() <= 0 else masses[g]  # <= 0: the loss ignores it
+        try:
+            if spec.dim == 1:
+                engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
+                extra = {} if optimal else {"seed": spec.seed}
+                codebook = engine(vectors[:, 0], spec.clusters, weights=mass, **extra)[0][:, None]
+            else:
+                codebook = kmeans.kmeans_vectors(vectors, spec.clusters, weights=mass, seed=spec.seed)[0]
+        except kmeans.EmptyClusterError as exc:
+            raise kmeans.EmptyClusterError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
+        codebook = codebook.to(stored).to(work.dtype)  # assign against the codebook as stored
+        books.append(codebook)
+        indices.append(kmeans.nearest(vectors, codebook))
+    codebook = books[0] if len(books) == 1 else torch.stack(books)
     return CompressedLayer(
         shape=tuple(weight.shape),
         dtype=weight.dtype,
         spec=spec,
         codebook=codebook.to(stored).cpu(),
-        indices=indices.to(torch.uint8).cpu(),
+        indices=torch.cat(indices).to(torch.uint8).cpu(),
+        scale=None if scale is None else scale.cpu(),
     )
 
 

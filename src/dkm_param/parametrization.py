@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import dkm, kmeans
+from . import dkm, kmeans, layout
 from .errors import DKMError
 from .spec import LayerSpec
 
@@ -19,8 +19,10 @@ class DKMParametrization(nn.Module):
     """``weight -> A @ C`` in training mode, ``weight -> C[nearest]`` in eval mode.
 
     State, all in buffers so ``state_dict`` checkpoints resume exactly:
-    ``codebook`` (k, d), the warm-started centroids; ``tau``, the temperature;
-    ``epsilon``, the absolute convergence threshold.
+    ``codebook`` (k, d), or (groups, k, d) with ``spec.group_size``, the
+    warm-started centroids; ``tau`` and ``epsilon`` (groups,), the
+    temperature and the absolute convergence threshold; ``scale`` (rows,)
+    with ``spec.channel_scale``.
 
     One training-mode result is reused while neither the weight nor the
     codebook changed and its backward has not run, so a weight read several
@@ -29,40 +31,58 @@ class DKMParametrization(nn.Module):
     """
 
     def __init__(self, weight: Tensor, spec: LayerSpec, name: str = "", codebook: Tensor | None = None):
-        """codebook: (k, d) starting centroids (e.g. from ``palettize``) instead of ``spec.init``."""
+        """codebook: starting centroids (e.g. from ``palettize``) instead of ``spec.init``."""
         super().__init__()
         self.spec = spec
         self.name = name
-        vectors = weight.detach().to(compute_dtype(weight.dtype)).reshape(-1, spec.dim)
-        if codebook is None:
-            codebook = kmeans.init_codebook(vectors, spec.clusters, spec.init, spec.seed)
-        codebook = codebook.to(device=vectors.device, dtype=vectors.dtype)
-        if spec.tau is not None:
-            tau = torch.tensor(spec.tau, dtype=vectors.dtype)
+        work = weight.detach().to(compute_dtype(weight.dtype))
+        if spec.channel_scale:
+            self.register_buffer("scale", layout.channel_scale(work))
         else:
-            tau = spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
-            if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
-                tau = spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
-        self.register_buffer("codebook", codebook.contiguous())
-        self.register_buffer("tau", torch.as_tensor(tau, dtype=vectors.dtype).clone())
-        self.register_buffer("epsilon", (spec.epsilon * vectors.std(unbiased=False)).to(vectors.dtype))
+            self.scale = None
+        groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale)  # (G, n, d)
+        if codebook is None:
+            books = torch.stack([kmeans.init_codebook(g, spec.clusters, spec.init, spec.seed) for g in groups])
+        else:
+            books = codebook.to(device=work.device, dtype=work.dtype).reshape(len(groups), spec.clusters, spec.dim)
+        taus = torch.stack([self._temperature(g, book) for g, book in zip(groups, books)])
+        self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
+        self.register_buffer("tau", taus.to(work.dtype))
+        self.register_buffer("epsilon", (spec.epsilon * groups.std(dim=(1, 2), unbiased=False)).to(work.dtype))
         self._cached: tuple[tuple, Tensor] | None = None
 
-    def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, dim={self.spec.dim}, clusters={self.spec.clusters}, tau={float(self.tau):.3g}"
+    def _temperature(self, vectors: Tensor, codebook: Tensor) -> Tensor:
+        if self.spec.tau is not None:
+            return torch.tensor(self.spec.tau, dtype=vectors.dtype)
+        tau = self.spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
+        if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
+            tau = self.spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
+        return tau
 
-    def vectors(self, weight: Tensor) -> Tensor:
-        """The weight as (n, d) vectors in the clustering dtype."""
-        return weight.reshape(-1, self.spec.dim).to(self.codebook.dtype)
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return f"bits={spec.bits}, dim={spec.dim}, groups={self.books().shape[0]}, tau={float(self.tau.mean()):.3g}"
+
+    def books(self) -> Tensor:
+        """The codebooks as (groups, k, d), a view of the buffer."""
+        return self.codebook.view(-1, self.spec.clusters, self.spec.dim)
+
+    def grouped(self, weight: Tensor) -> Tensor:
+        """The weight as (groups, n, d) vectors in the clustering dtype, scaled per channel."""
+        return layout.grouped_vectors(weight.to(self.codebook.dtype), self.spec.dim, self.spec.group_size, self.scale)
+
+    def assign(self, weight: Tensor) -> Tensor:
+        """Index of the nearest centroid of every vector, groups in order.  # (n,)"""
+        with torch.no_grad():
+            groups = self.grouped(weight)
+            if not torch.isfinite(groups).all():
+                raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
+            return torch.cat([kmeans.nearest(g, book) for g, book in zip(groups, self.books())])
 
     def snap(self, weight: Tensor) -> Tensor:
         """Each vector replaced by its nearest centroid (no gradient to the weight)."""
-        with torch.no_grad():
-            vectors = self.vectors(weight)
-            if not torch.isfinite(vectors).all():
-                raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
-            indices = kmeans.nearest(vectors, self.codebook)
-        return self.codebook[indices].reshape(weight.shape).to(weight.dtype)
+        indices = self.assign(weight)
+        return layout.decode(self.codebook, indices, tuple(weight.shape), weight.dtype, self.scale)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
@@ -70,17 +90,25 @@ class DKMParametrization(nn.Module):
         key = self._key(weight)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        vectors = self.vectors(weight)
-        if not torch.isfinite(vectors.detach()).all():
+        groups = self.grouped(weight)
+        if not torch.isfinite(groups.detach()).all():
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
-        soft, codebook, _ = dkm.soft_cluster(
-            vectors, self.codebook.clone(), float(self.tau), self.spec.max_iter, float(self.epsilon)
-        )
-        if not torch.isfinite(codebook).all():  # never pass NaN on to the model
+        softs, books = [], []
+        for g, (vectors, book) in enumerate(zip(groups, self.books())):
+            soft, updated, _ = dkm.soft_cluster(
+                vectors, book.clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
+            )
+            softs.append(soft)
+            books.append(updated)
+        books = torch.stack(books)
+        if not torch.isfinite(books).all():  # never pass NaN on to the model
             raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
         with torch.no_grad():
-            self.codebook.copy_(codebook)  # warm start for the next step
-        out = soft.reshape(weight.shape).to(weight.dtype)
+            self.codebook.copy_(books.view_as(self.codebook))  # warm start for the next step
+        flat = torch.stack(softs).reshape(layout.rows(tuple(weight.shape)), -1)
+        if self.scale is not None:
+            flat = flat * self.scale[:, None]
+        out = flat.reshape(weight.shape).to(weight.dtype)
         if out.requires_grad:
             out.register_hook(self._forget)
         self._cached = (self._key(weight), out)

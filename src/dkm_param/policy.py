@@ -258,7 +258,7 @@ class Policy:
                 if not general or self.strict:
                     raise SpecError(f"layer '{name}' ({type(module).__name__}): {reason}; skip it in the policy")
             if spec is not None:
-                misfit = spec.misfit(numel)
+                misfit = spec.misfit(shape)
                 if misfit:
                     if not general or self.strict:
                         raise SpecError(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import layout
 from .errors import RegistrationError
 from .parametrization import DKMParametrization
 from .policy import Plan, Policy
@@ -59,7 +60,8 @@ def _seed(init, row):
     layer = init.layers.get(key)
     if layer is None:
         return None
-    want = (row.spec.clusters, row.spec.dim)
+    groups = layout.groups(row.shape, row.spec.group_size)
+    want = (row.spec.clusters, row.spec.dim) if groups == 1 else (groups, row.spec.clusters, row.spec.dim)
     if tuple(layer.codebook.shape) != want:
         raise RegistrationError(
             f"layer '{row.name}': the seeding codebook has shape {tuple(layer.codebook.shape)}, "

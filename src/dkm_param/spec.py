@@ -34,6 +34,10 @@ class LayerSpec:
         spaced between the extremes) or ``quantile`` (by density).
     seed: seed of the initialisation's own random generator, so that
         registration never touches the global RNG and is repeatable.
+    group_size: None for one codebook per tensor; else each group of this
+        many output channels (rows of the weight) gets its own codebook.
+    channel_scale: cluster each output channel divided by its largest
+        magnitude, storing one scale per channel.
     """
 
     bits: int = 4
@@ -44,6 +48,8 @@ class LayerSpec:
     epsilon: float = 1e-3
     init: str = "kmeans++"
     seed: int = 0
+    group_size: int | None = None
+    channel_scale: bool = False
 
     def __post_init__(self):
         _check_int("bits", self.bits, 1, MAX_BITS)
@@ -56,6 +62,10 @@ class LayerSpec:
             raise SpecError(f"tau_rel must be a positive finite number, got {self.tau_rel!r}")
         if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 1, None)
+        if not isinstance(self.channel_scale, bool):
+            raise SpecError(f"channel_scale must be True or False, got {self.channel_scale!r}")
         if self.init not in INITS:
             raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
@@ -85,17 +95,30 @@ class LayerSpec:
             raise SpecError(f"unknown LayerSpec field(s) {unknown}; known fields are {sorted(names)}")
         return cls(**data)
 
-    def misfit(self, numel: int) -> str | None:
-        """Why this spec cannot cluster a weight of ``numel`` elements, or None."""
-        if numel % self.dim:
-            near = [d for d in (1, 2, 4, 8, 16) if numel % d == 0 and d != self.dim]
+    @property
+    def per_channel(self) -> bool:
+        """True when vectors must not straddle output channels (groups or scales)."""
+        return self.group_size is not None or self.channel_scale
+
+    def misfit(self, shape: tuple[int, ...] | int) -> str | None:
+        """Why this spec cannot cluster a weight of this shape (or numel), or None."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        numel = math.prod(shape)
+        rows = shape[0] if len(shape) > 1 else 1
+        if self.group_size is not None and rows % self.group_size:
+            return f"group_size={self.group_size} does not divide the {rows} output channels"
+        span, what = (numel // rows, "an output channel's") if self.per_channel else (numel, "the weight's")
+        if span % self.dim:
+            near = [d for d in (1, 2, 4, 8, 16) if span % d == 0 and d != self.dim]
             hint = f", e.g. {' or '.join(map(str, near[-2:]))}" if near else ""
-            return f"dim={self.dim} does not divide the weight; choose a dim that divides {numel}{hint}"
-        vectors = numel // self.dim
+            return f"dim={self.dim} does not divide the weight; choose a dim that divides {what} {span} values{hint}"
+        groups = rows // self.group_size if self.group_size else 1
+        vectors = numel // self.dim // groups
         if vectors < self.clusters:
+            where = " per group" if groups > 1 else ""
             return (
-                f"{vectors} vectors are fewer than the {self.clusters} clusters of bits={self.bits}; "
-                f"use bits <= {max(1, vectors.bit_length() - 1)} or a smaller dim"
+                f"{vectors} vectors{where} are fewer than the {self.clusters} clusters of bits={self.bits}; "
+                f"use bits <= {max(1, vectors.bit_length() - 1)}, a smaller dim or larger groups"
             )
         return None
 
