@@ -6,7 +6,9 @@ import dkm_param as dp
 PUBLIC = {
     "CompressedLayer", "CompressedModel", "DKMError", "DKMParametrization", "FormatError", "LayerPlan",
     "LayerSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
-    "load_compressed", "read_compressed", "palettize", "fisher", "register_dkm", "remove_dkm",
+    "load_compressed", "read_compressed", "palettize", "fisher",
+    "CSGDSpec", "CentripetalSGD", "FilterPlan", "FilterRow", "SurgeryError", "ThinReport",
+    "cluster_filters", "collapse_", "count_macs", "thin", "register_dkm", "remove_dkm",
 }
 
 
@@ -16,7 +18,7 @@ def test_public_api_surface_is_pinned():
 
 
 def test_error_hierarchy():
-    for cls in (dp.SpecError, dp.FormatError, dp.RegistrationError):
+    for cls in (dp.SpecError, dp.FormatError, dp.RegistrationError, dp.SurgeryError):
         assert issubclass(cls, dp.DKMError) and issubclass(cls, ValueError)
 
 

@@ -15,3 +15,7 @@ class RegistrationError(DKMError, ValueError):
 
 class FormatError(DKMError, ValueError):
     """A compressed file is malformed, truncated or of an unknown version."""
+
+
+class SurgeryError(DKMError, ValueError):
+    """A model cannot be traced or thinned as asked."""
