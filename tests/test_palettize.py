@@ -188,3 +188,53 @@ def test_dkm_with_groups_and_scales_trains_finalizes_and_round_trips(spec, tmp_p
     assert read.spec.group_size == spec.group_size and read.spec.channel_scale == spec.channel_scale
     summary_row = next(r for r in compressed.summary().rows if r.name == "2.weight")
     assert summary_row.bytes_after == layer.nbytes
+
+
+def pruned(shape, fraction, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=gen)
+    return weight * (torch.rand(shape, generator=gen) > fraction)
+
+
+@given(seed=seeds, dim=st.sampled_from([1, 2]), bits=st.integers(2, 4), group=st.sampled_from([None, 8]))
+def test_post_training_keeps_pruned_weights_exactly_zero(seed, dim, bits, group):
+    from dkm_param.palettize import cluster_weight
+
+    weight = pruned((16, 24), 0.6, seed)
+    if dim == 2:
+        weight = weight.reshape(16, 12, 2) * (weight.reshape(16, 12, 2) != 0).all(-1, keepdim=True)
+        weight = weight.reshape(16, 24)
+    layer = cluster_weight(weight, dp.LayerSpec(bits=bits, dim=dim, group_size=group, preserve_zeros=True))
+    decoded = layer.weight()
+    assert torch.equal(decoded[weight == 0], torch.zeros(int((weight == 0).sum())))
+    assert (layer.codebook[..., 0, :] == 0).all()
+    zero_vectors = (weight.reshape(-1, dim) == 0).all(1)
+    assert torch.equal(layer.indices.long() == 0, zero_vectors)  # zeros take entry 0, nothing else does
+
+
+def test_dkm_keeps_pruned_weights_exactly_zero_through_training(tmp_path):
+    model = mlp()
+    with torch.no_grad():
+        for name in ("0", "2"):
+            layer = model.get_submodule(name)
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5)
+    masks = {name: model.get_submodule(name).weight == 0 for name in ("0", "2")}
+    spec = dp.LayerSpec(bits=2, preserve_zeros=True)
+    dp.register_dkm(model, dp.Policy(default=spec, small_layer_bits=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 64), torch.arange(16) % 10
+    for _ in range(3):
+        for name, mask in masks.items():
+            assert (model.get_submodule(name).weight[mask] == 0).all()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    compressed = dp.finalize(model)
+    for name, mask in masks.items():
+        layer = compressed.layers[f"{name}.weight"]
+        assert (layer.codebook[0] == 0).all()
+        assert (layer.indices.reshape(mask.shape)[mask] == 0).all()
+        assert (model.get_submodule(name).weight[mask] == 0).all()
+    fresh = dp.load_compressed(compressed.save(tmp_path / "z.safetensors"), mlp(seed=2))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())

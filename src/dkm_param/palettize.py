@@ -83,20 +83,29 @@ def cluster_weight(
             raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
     stored = codebook_dtype or weight.dtype
     books, indices = [], []
+    pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
     for g, vectors in enumerate(groups):
-        mass = None if masses is None or masses[g].sum() <= 0 else masses[g]  # <= 0: the loss ignores it
+        zeros = (vectors == 0).all(1) if spec.preserve_zeros else torch.zeros(len(vectors), dtype=torch.bool)
+        live = vectors[~zeros]
+        mass = None if masses is None else masses[g][~zeros]
+        if mass is not None and mass.sum() <= 0:
+            mass = None  # the loss ignores this group: cluster plainly
+        free = spec.clusters - pinned
         try:
-            if spec.dim == 1:
+            if not len(live):
+                codebook = vectors.new_zeros(free, spec.dim)
+            elif spec.dim == 1:
                 engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
                 extra = {} if optimal else {"seed": spec.seed}
-                codebook = engine(vectors[:, 0], spec.clusters, weights=mass, **extra)[0][:, None]
+                codebook = engine(live[:, 0], free, weights=mass, **extra)[0][:, None]
             else:
-                codebook = kmeans.kmeans_vectors(vectors, spec.clusters, weights=mass, seed=spec.seed)[0]
+                codebook = kmeans.kmeans_vectors(live, free, weights=mass, seed=spec.seed)[0]
         except kmeans.EmptyClusterError as exc:
             raise kmeans.EmptyClusterError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
         codebook = codebook.to(stored).to(work.dtype)  # assign against the codebook as stored
-        books.append(codebook)
-        indices.append(kmeans.nearest(vectors, codebook))
+        found = kmeans.nearest(vectors, codebook) + pinned
+        books.append(torch.cat([codebook.new_zeros(pinned, spec.dim), codebook]))
+        indices.append(torch.where(zeros.to(found.device), 0, found))
     codebook = books[0] if len(books) == 1 else torch.stack(books)
     return CompressedLayer(
         shape=tuple(weight.shape),

@@ -41,19 +41,42 @@ class DKMParametrization(nn.Module):
         else:
             self.scale = None
         groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale)  # (G, n, d)
+        if spec.preserve_zeros:  # fixed at registration: pruned weights stay pruned
+            self.register_buffer("zeros", (groups == 0).all(-1))  # (G, n)
+        else:
+            self.zeros = None
+        live = [self._live(g, i) for i, g in enumerate(groups)]
+        free = spec.clusters - self._pinned
         if codebook is None:
-            books = torch.stack([kmeans.init_codebook(g, spec.clusters, spec.init, spec.seed) for g in groups])
+            books = torch.stack([self._pin(kmeans.init_codebook(v, free, spec.init, spec.seed)) if len(v) else
+                                 work.new_zeros(spec.clusters, spec.dim) for v in live])
         else:
             books = codebook.to(device=work.device, dtype=work.dtype).reshape(len(groups), spec.clusters, spec.dim)
-        taus = torch.stack([self._temperature(g, book) for g, book in zip(groups, books)])
+            books = torch.stack([self._pin(b[self._pinned:]) for b in books])
+        taus = torch.stack([self._temperature(v, book[self._pinned:]) for v, book in zip(live, books)])
+        spread = torch.stack([v.std(unbiased=False) if len(v) > 1 else v.new_zeros(()) for v in live])
         self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
         self.register_buffer("tau", taus.to(work.dtype))
-        self.register_buffer("epsilon", (spec.epsilon * groups.std(dim=(1, 2), unbiased=False)).to(work.dtype))
+        self.register_buffer("epsilon", (spec.epsilon * spread).to(work.dtype))
         self._cached: tuple[tuple, Tensor] | None = None
+
+    @property
+    def _pinned(self) -> int:
+        """Codebook entries not learned: entry 0, pinned at zero, with ``preserve_zeros``."""
+        return 1 if self.spec.preserve_zeros else 0
+
+    def _pin(self, learned: Tensor) -> Tensor:
+        return torch.cat([learned.new_zeros(self._pinned, learned.shape[1]), learned])
+
+    def _live(self, vectors: Tensor, group: int) -> Tensor:
+        """The vectors that are clustered: all, or the non-zero ones with ``preserve_zeros``."""
+        return vectors if self.zeros is None else vectors[~self.zeros[group]]
 
     def _temperature(self, vectors: Tensor, codebook: Tensor) -> Tensor:
         if self.spec.tau is not None:
             return torch.tensor(self.spec.tau, dtype=vectors.dtype)
+        if not len(vectors):
+            return torch.ones((), dtype=vectors.dtype)  # nothing to cluster in this group
         tau = self.spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
         if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
             tau = self.spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
@@ -77,7 +100,11 @@ class DKMParametrization(nn.Module):
             groups = self.grouped(weight)
             if not torch.isfinite(groups).all():
                 raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
-            return torch.cat([kmeans.nearest(g, book) for g, book in zip(groups, self.books())])
+            indices = []
+            for i, (g, book) in enumerate(zip(groups, self.books())):
+                found = kmeans.nearest(g, book[self._pinned:]) + self._pinned
+                indices.append(found if self.zeros is None else torch.where(self.zeros[i], 0, found))
+            return torch.cat(indices)
 
     def snap(self, weight: Tensor) -> Tensor:
         """Each vector replaced by its nearest centroid (no gradient to the weight)."""
@@ -95,11 +122,18 @@ class DKMParametrization(nn.Module):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         for g, (vectors, book) in enumerate(zip(groups, self.books())):
+            live = self._live(vectors, g)
+            if not len(live):
+                softs.append(torch.zeros_like(vectors))
+                books.append(book)
+                continue
             soft, updated, _ = dkm.soft_cluster(
-                vectors, book.clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
+                live, book[self._pinned:].clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
             )
+            if self.zeros is not None:  # zero vectors stay exactly zero
+                soft = torch.zeros_like(vectors).index_put((torch.nonzero(~self.zeros[g])[:, 0],), soft)
             softs.append(soft)
-            books.append(updated)
+            books.append(self._pin(updated))
         books = torch.stack(books)
         if not torch.isfinite(books).all():  # never pass NaN on to the model
             raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))

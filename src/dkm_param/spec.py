@@ -38,6 +38,9 @@ class LayerSpec:
         many output channels (rows of the weight) gets its own codebook.
     channel_scale: cluster each output channel divided by its largest
         magnitude, storing one scale per channel.
+    preserve_zeros: for pruned models: codebook entry 0 is pinned at zero,
+        vectors that are exactly zero stay exactly zero (never reassigned),
+        and the other vectors share the remaining ``2**bits - 1`` centroids.
     """
 
     bits: int = 4
@@ -50,6 +53,7 @@ class LayerSpec:
     seed: int = 0
     group_size: int | None = None
     channel_scale: bool = False
+    preserve_zeros: bool = False
 
     def __post_init__(self):
         _check_int("bits", self.bits, 1, MAX_BITS)
@@ -64,8 +68,11 @@ class LayerSpec:
             raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1, None)
-        if not isinstance(self.channel_scale, bool):
-            raise SpecError(f"channel_scale must be True or False, got {self.channel_scale!r}")
+        for flag in ("channel_scale", "preserve_zeros"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SpecError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.preserve_zeros and self.bits < 2:
+            raise SpecError("preserve_zeros needs bits >= 2: one centroid is pinned at zero")
         if self.init not in INITS:
             raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
