@@ -31,7 +31,10 @@ def decode(path):
         vectors = vectors.astype(work).reshape(rows, -1)
         if name + ".scale" in tensors:  # per output channel
             vectors = vectors * tensors.pop(name + ".scale").astype(work)[:, None]
-        weights[name] = vectors.astype(info["dtype"]).reshape(info["shape"])
+        shape = info["shape"]
+        if info.get("layout") == "input" and len(shape) > 2:  # vectors ran along the input channels
+            vectors = np.moveaxis(vectors.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
+        weights[name] = vectors.astype(info["dtype"]).reshape(shape)
     weights.update(tensors)
     for alias, target in json.loads(meta["aliases"]).items():
         weights[alias] = weights[target]

@@ -60,7 +60,7 @@ class CompressedLayer:
     scale: Tensor | None = None
 
     def weight(self) -> Tensor:
-        return layout.decode(self.codebook, self.indices, self.shape, self.dtype, self.scale)
+        return layout.decode(self.codebook, self.indices, self.shape, self.dtype, self.scale, self.spec.layout)
 
     @property
     def numel(self) -> int:
@@ -118,6 +118,8 @@ class CompressedModel:
             }
             if layer.codebook.dim() == 3:
                 layers_meta[name]["group_size"] = layer.spec.group_size
+            if layer.spec.layout != "flat":
+                layers_meta[name]["layout"] = layer.spec.layout
             if layer.scale is not None:
                 tensors[f"{name}.scale"] = layer.scale.detach().cpu().contiguous()
         for name, tensor in self.tensors.items():
@@ -233,7 +235,8 @@ def _snap_and_remove(param, module: nn.Module, name: str, codebook_dtype: torch.
                 "lower the learning rate or raise tau, and resume from a finite checkpoint"
             )
         indices = param.assign(original)
-        snapped = layout.decode(param.codebook, indices, tuple(original.shape), original.dtype, param.scale)
+        shape, spec = tuple(original.shape), param.spec
+        snapped = layout.decode(param.codebook, indices, shape, original.dtype, param.scale, spec.layout)
         param.eval()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     if not torch.equal(module.weight, snapped):  # snapping is deterministic; guard the contract
@@ -373,7 +376,10 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
     entries = codebook.shape[-2]
     if vectors and int(indices.max()) >= entries:
         raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {entries}-entry codebook")
-    spec = LayerSpec(bits=bits, dim=dim, group_size=group_size, channel_scale=scale is not None)
+    vector_layout = info.get("layout", "flat")
+    if vector_layout not in ("flat", "input"):
+        raise FormatError(f"{where}: unknown layout {vector_layout!r}")
+    spec = LayerSpec(bits=bits, dim=dim, group_size=group_size, channel_scale=scale is not None, layout=vector_layout)
     return CompressedLayer(
         shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices.to(torch.uint8), scale=scale
     )

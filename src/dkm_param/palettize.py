@@ -70,7 +70,7 @@ def cluster_weight(
         raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
     work = weight.to(compute_dtype(weight.dtype))
     scale = layout.channel_scale(work) if spec.channel_scale else None
-    groups = layout.grouped_vectors(work, spec.dim, spec.group_size, scale)  # (G, n, d)
+    groups = layout.grouped_vectors(work, spec.dim, spec.group_size, scale, spec.layout)  # (G, n, d)
     masses = None
     if importance is not None:
         if importance.shape != weight.shape:
@@ -78,7 +78,7 @@ def cluster_weight(
                 f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
                 "pass one value per weight"
             )
-        masses = layout.grouped_vectors(importance.detach().to(work.dtype), spec.dim, spec.group_size).sum(2)
+        masses = layout.grouped_vectors(importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout).sum(2)
         if not torch.isfinite(masses).all() or (masses < 0).any():
             raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
     stored = codebook_dtype or weight.dtype

@@ -40,7 +40,7 @@ class DKMParametrization(nn.Module):
             self.register_buffer("scale", layout.channel_scale(work))
         else:
             self.scale = None
-        groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale)  # (G, n, d)
+        groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale, spec.layout)  # (G, n, d)
         if spec.preserve_zeros:  # fixed at registration: pruned weights stay pruned
             self.register_buffer("zeros", (groups == 0).all(-1))  # (G, n)
         else:
@@ -92,7 +92,8 @@ class DKMParametrization(nn.Module):
 
     def grouped(self, weight: Tensor) -> Tensor:
         """The weight as (groups, n, d) vectors in the clustering dtype, scaled per channel."""
-        return layout.grouped_vectors(weight.to(self.codebook.dtype), self.spec.dim, self.spec.group_size, self.scale)
+        spec = self.spec
+        return layout.grouped_vectors(weight.to(self.codebook.dtype), spec.dim, spec.group_size, self.scale, spec.layout)
 
     def assign(self, weight: Tensor) -> Tensor:
         """Index of the nearest centroid of every vector, groups in order.  # (n,)"""
@@ -109,7 +110,7 @@ class DKMParametrization(nn.Module):
     def snap(self, weight: Tensor) -> Tensor:
         """Each vector replaced by its nearest centroid (no gradient to the weight)."""
         indices = self.assign(weight)
-        return layout.decode(self.codebook, indices, tuple(weight.shape), weight.dtype, self.scale)
+        return layout.decode(self.codebook, indices, tuple(weight.shape), weight.dtype, self.scale, self.spec.layout)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
@@ -142,7 +143,7 @@ class DKMParametrization(nn.Module):
         flat = torch.stack(softs).reshape(layout.rows(tuple(weight.shape)), -1)
         if self.scale is not None:
             flat = flat * self.scale[:, None]
-        out = flat.reshape(weight.shape).to(weight.dtype)
+        out = layout.from_layout(flat, tuple(weight.shape), self.spec.layout).to(weight.dtype)
         if out.requires_grad:
             out.register_hook(self._forget)
         self._cached = (self._key(weight), out)

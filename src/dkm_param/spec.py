@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from .errors import SpecError
 
 INITS = ("kmeans++", "linear", "quantile")
+LAYOUTS = ("flat", "input")
 MAX_BITS = 8
 
 
@@ -38,6 +39,11 @@ class LayerSpec:
         many output channels (rows of the weight) gets its own codebook.
     channel_scale: cluster each output channel divided by its largest
         magnitude, storing one scale per channel.
+    layout: how vectors are read: ``flat`` takes ``dim`` consecutive values
+        of the row-major weight (along the input dimension of a Linear or
+        1x1 conv, along the kernel of a larger conv); ``input`` takes blocks
+        of ``dim`` input channels at one kernel position (the iPQ layout for
+        convolutions; the same as ``flat`` for a Linear).
     preserve_zeros: for pruned models: codebook entry 0 is pinned at zero,
         vectors that are exactly zero stay exactly zero (never reassigned),
         and the other vectors share the remaining ``2**bits - 1`` centroids.
@@ -54,6 +60,7 @@ class LayerSpec:
     group_size: int | None = None
     channel_scale: bool = False
     preserve_zeros: bool = False
+    layout: str = "flat"
 
     def __post_init__(self):
         _check_int("bits", self.bits, 1, MAX_BITS)
@@ -73,6 +80,8 @@ class LayerSpec:
                 raise SpecError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.preserve_zeros and self.bits < 2:
             raise SpecError("preserve_zeros needs bits >= 2: one centroid is pinned at zero")
+        if self.layout not in LAYOUTS:
+            raise SpecError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.init not in INITS:
             raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
@@ -114,6 +123,8 @@ class LayerSpec:
         rows = shape[0] if len(shape) > 1 else 1
         if self.group_size is not None and rows % self.group_size:
             return f"group_size={self.group_size} does not divide the {rows} output channels"
+        if self.layout == "input" and len(shape) > 2 and shape[1] % self.dim:
+            return f"dim={self.dim} does not divide the {shape[1]} input channels (layout='input')"
         span, what = (numel // rows, "an output channel's") if self.per_channel else (numel, "the weight's")
         if span % self.dim:
             near = [d for d in (1, 2, 4, 8, 16) if span % d == 0 and d != self.dim]
