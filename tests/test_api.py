@@ -8,7 +8,7 @@ PUBLIC = {
     "LayerSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
     "load_compressed", "read_compressed", "palettize", "fisher",
     "CSGDSpec", "CentripetalSGD", "FilterPlan", "FilterRow", "SurgeryError", "ThinReport",
-    "cluster_filters", "collapse_", "count_macs", "thin", "register_dkm", "remove_dkm",
+    "cluster_filters", "collapse_", "count_macs", "thin", "CodebookParametrization", "finetune_codebooks", "register_dkm", "remove_dkm",
 }
 
 

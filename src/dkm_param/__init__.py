@@ -1,5 +1,6 @@
 """dkm-param: weight clustering (differentiable k-means) for PyTorch models."""
 
+from .codebooks import CodebookParametrization, finetune_codebooks
 from .csgd import CentripetalSGD, CSGDSpec, FilterPlan, FilterRow, cluster_filters, collapse_
 from .errors import DKMError, FormatError, RegistrationError, SpecError, SurgeryError
 from .export import CompressedLayer, CompressedModel, finalize, load_compressed, read_compressed
@@ -14,6 +15,8 @@ from .surgery import ThinReport, count_macs, thin
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CodebookParametrization",
+    "finetune_codebooks",
     "CSGDSpec",
     "CentripetalSGD",
     "FilterPlan",

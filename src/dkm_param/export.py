@@ -24,6 +24,7 @@ from . import layout, packing
 from .errors import DKMError, FormatError, RegistrationError
 from .policy import LayerPlan
 from .register import dkm_parametrizations, registered_plan
+from .compressed import CompressedLayer
 from .spec import LayerSpec
 
 FORMAT_NAME = "dkm-param"
@@ -40,38 +41,6 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
-
-
-@dataclass
-class CompressedLayer:
-    """One clustered weight: ``weight = codebook[indices].reshape(shape)``.
-
-    codebook: (k, d) centroids, or (groups, k, d) with one codebook per group
-    of output channels; indices: (n,) uint8, one per vector of d consecutive
-    weights, groups in order; scale: (rows,) per-channel scale or None;
-    dtype: the weight's own dtype. See ``layout`` for the exact reading.
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    spec: LayerSpec
-    codebook: Tensor
-    indices: Tensor
-    scale: Tensor | None = None
-
-    def weight(self) -> Tensor:
-        return layout.decode(self.codebook, self.indices, self.shape, self.dtype, self.scale, self.spec.layout)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this layer takes in the file: codebook plus packed indices."""
-        codebook = self.codebook.numel() * self.codebook.element_size()
-        scale = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
-        return codebook + scale + packing.packed_size(self.indices.numel(), self.spec.bits)
 
 
 @dataclass
@@ -182,6 +151,7 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
     codebook_dtype: dtype the codebooks are stored in (default: each weight's
     own dtype); the snapped weights use the rounded codebook, so a saved file
     reproduces them bit for bit.
+    Also takes off the codebooks ``finetune_codebooks`` attached.
     Raises RegistrationError when no weight has DKM registered.
     """
     found = list(dkm_parametrizations(model))
@@ -228,27 +198,12 @@ def _snap_and_remove(param, module: nn.Module, name: str, codebook_dtype: torch.
     if stored not in _DTYPE_NAMES:
         raise FormatError(f"codebook dtype {stored} is not supported; use one of {', '.join(_DTYPES)}")
     with torch.no_grad():
-        param.codebook.copy_(param.codebook.to(stored).to(param.codebook.dtype))
-        if not torch.isfinite(param.codebook).all():
-            raise DKMError(
-                f"layer '{name}': the codebook holds NaN or Inf after training; "
-                "lower the learning rate or raise tau, and resume from a finite checkpoint"
-            )
-        indices = param.assign(original)
-        shape, spec = tuple(original.shape), param.spec
-        snapped = layout.decode(param.codebook, indices, shape, original.dtype, param.scale, spec.layout)
+        layer = param.export(original, stored)
         param.eval()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    if not torch.equal(module.weight, snapped):  # snapping is deterministic; guard the contract
+    if not torch.equal(module.weight, layer.weight()):  # snapping is deterministic; guard the contract
         raise DKMError(f"layer '{name}': snapped weight differs from its codebook and indices")
-    return CompressedLayer(
-        shape=tuple(original.shape),
-        dtype=original.dtype,
-        spec=param.spec,
-        codebook=param.codebook.detach().to(stored).cpu(),
-        indices=indices.to(torch.uint8).cpu(),
-        scale=None if param.scale is None else param.scale.detach().cpu(),
-    )
+    return layer
 
 
 def _plain_tensors(state: dict[str, Tensor], skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:

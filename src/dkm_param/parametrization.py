@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dkm, kmeans, layout
+from .compressed import CompressedLayer
 from .errors import DKMError
 from .spec import LayerSpec
 
@@ -111,6 +112,24 @@ class DKMParametrization(nn.Module):
         """Each vector replaced by its nearest centroid (no gradient to the weight)."""
         indices = self.assign(weight)
         return layout.decode(self.codebook, indices, tuple(weight.shape), weight.dtype, self.scale, self.spec.layout)
+
+    def export(self, weight: Tensor, stored: torch.dtype) -> CompressedLayer:
+        """Round the codebook to ``stored`` and assign every vector to it."""
+        with torch.no_grad():
+            self.codebook.copy_(self.codebook.to(stored).to(self.codebook.dtype))
+        if not torch.isfinite(self.codebook).all():
+            raise DKMError(
+                f"layer '{self.name}': the codebook holds NaN or Inf after training; "
+                "lower the learning rate or raise tau, and resume from a finite checkpoint"
+            )
+        return CompressedLayer(
+            shape=tuple(weight.shape),
+            dtype=weight.dtype,
+            spec=self.spec,
+            codebook=self.codebook.detach().to(stored).cpu(),
+            indices=self.assign(weight).to(torch.uint8).cpu(),
+            scale=None if self.scale is None else self.scale.detach().cpu(),
+        )
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:

@@ -77,12 +77,15 @@ def remove_dkm(model: nn.Module) -> None:
     _PLANS.pop(model, None)
 
 
-def dkm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMParametrization]]:
-    """(module name, module, parametrization) for every weight with DKM registered."""
+def dkm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(module name, module, parametrization) for every weight with DKM or a
+    trainable codebook (``finetune_codebooks``) registered."""
+    from .codebooks import CodebookParametrization
+
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
             for param in module.parametrizations.weight:
-                if isinstance(param, DKMParametrization):
+                if isinstance(param, (DKMParametrization, CodebookParametrization)):
                     yield name, module, param
 
 
