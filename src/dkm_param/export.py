@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from . import layout, packing
 from .errors import DKMError, FormatError, RegistrationError
 from .policy import LayerPlan
+from .progress import track
 from .register import dkm_parametrizations, registered_plan
 from .compressed import CompressedLayer
 from .spec import LayerSpec
@@ -125,6 +126,8 @@ def _canonical(blob: bytes) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -164,7 +167,7 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
         params[id(param)] = param
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
-    for key, members in groups.items():
+    for key, members in track(groups.items(), total=len(groups), desc="finalizing"):
         param = params[key]
         # the layer the plan chose leads; the others alias its weight
         members.sort(key=lambda member: member[0] != param.name)

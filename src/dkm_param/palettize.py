@@ -12,6 +12,7 @@ from .errors import DKMError, RegistrationError
 from .export import CompressedLayer, CompressedModel, assemble, weight_key
 from .parametrization import compute_dtype
 from .policy import Policy, weight_of
+from .progress import track
 from .register import dkm_parametrizations
 
 
@@ -43,7 +44,8 @@ def palettize(
     plan = policy.plan(model)
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
-    for row in plan.clustered():
+    rows = plan.clustered()
+    for row in track(rows, total=len(rows), desc="palettizing"):
         weight = weight_of(model.get_submodule(row.name))
         importance = None if sensitivity is None else sensitivity.get(row.name)
         layers[weight_key(row.name)] = cluster_weight(

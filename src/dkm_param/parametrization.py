@@ -131,6 +131,9 @@ class DKMParametrization(nn.Module):
             scale=None if self.scale is None else self.scale.detach().cpu(),
         )
 
+    # The clustering is data-dependent Python (early exits, windows, caching):
+    # torch.compile runs it eagerly and compiles the rest of the model.
+    @torch.compiler.disable
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
             return self.snap(weight)

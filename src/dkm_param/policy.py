@@ -34,6 +34,10 @@ def layer_kind(module: nn.Module) -> str | None:
     for cls, kind in _KIND_OF_TYPE:
         if isinstance(module, cls):
             return kind
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        # transformers' GPT-2 linear layer, its weight stored transposed (in, out);
+        # recognised by name so transformers is never imported
+        return "fc"
     return None
 
 

@@ -13,6 +13,7 @@ from . import layout
 from .errors import RegistrationError
 from .parametrization import DKMParametrization
 from .policy import Plan, Policy
+from .progress import track
 
 # The plan each registered model was given, so finalize can report its skips
 # without storing anything on the user's model.
@@ -37,7 +38,8 @@ def register_dkm(model: nn.Module, policy: Policy | None = None, init: "Compress
             "call dp.remove_dkm(model) or dp.finalize(model) before registering again"
         )
     plan = policy.plan(model)
-    for row in plan.clustered():
+    rows = plan.clustered()
+    for row in track(rows, total=len(rows), desc="registering DKM"):
         module = model.get_submodule(row.name)
         weight = module.weight
         if not torch.isfinite(weight).all():

@@ -60,11 +60,11 @@ class Summary:
                 str(r.dim) if r.dim else "-",
                 f"{r.bits_per_weight:.2f}",
                 f"{r.params:,}",
-                _size(r.bytes_before),
-                _size(r.bytes_after),
+                format_size(r.bytes_before),
+                format_size(r.bytes_after),
                 r.note,
             ))
-        table.append((f"other tensors ({self.other_tensors})", "", "", "", "", "", _size(self.other_bytes), _size(self.other_bytes), "stored as they are"))
+        table.append((f"other tensors ({self.other_tensors})", "", "", "", "", "", format_size(self.other_bytes), format_size(self.other_bytes), "stored as they are"))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         right = {4, 5, 6, 7}
         fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()  # noqa: E731
@@ -72,7 +72,7 @@ class Summary:
         lines.insert(1, "-" * max(map(len, lines)))
         lines.append("-" * max(map(len, lines)))
         lines.append(
-            f"total: {_size(self.bytes_before)} -> {_size(self.bytes_after)}, "
+            f"total: {format_size(self.bytes_before)} -> {format_size(self.bytes_after)}, "
             f"compression {self.ratio:.2f}x ({len([r for r in self.rows if r.bits])} layers clustered)"
         )
         return "\n".join(lines)
@@ -124,7 +124,7 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

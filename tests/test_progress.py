@@ -1,0 +1,46 @@
+import io
+import sys
+
+import pytest
+
+from dkm_param.progress import track
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_disabled_returns_the_iterable_itself(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    items = [1, 2, 3]
+    assert track(items, enabled=False) is items
+
+
+def test_not_a_terminal_returns_the_iterable_itself(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    items = range(5)
+    assert track(items, total=5, desc="work") is items
+
+
+def test_no_stderr_at_all_returns_the_iterable_itself(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)
+    items = (1, 2)
+    assert track(items) is items
+
+
+@pytest.mark.parametrize("stream, enabled", [(Terminal(), None), (io.StringIO(), True)])
+def test_bar_yields_the_same_items(monkeypatch, stream, enabled):
+    tqdm = pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys, "stderr", stream)
+    wrapped = track(iter(range(4)), total=4, desc="epochs", enabled=enabled, delay=0)
+    assert isinstance(wrapped, tqdm.tqdm)
+    assert list(wrapped) == [0, 1, 2, 3]
+    assert "epochs" in stream.getvalue()
+
+
+def test_without_tqdm_returns_the_iterable_itself(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    items = [1, 2]
+    assert track(items, enabled=True) is items
