@@ -32,3 +32,12 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] False"
+
+
+def test_api_reference_is_up_to_date():
+    import runpy
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    render = runpy.run_path(str(docs / "make_api.py"))["render"]
+    assert (docs / "api.md").read_text() == render(), "run: python docs/make_api.py"
