@@ -13,12 +13,7 @@ from dkm_param import cli
 LINEAR = ["torch.nn:Linear", "--kwargs", '{"in_features": 128, "out_features": 100}']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tied(nn.Module):

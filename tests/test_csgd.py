@@ -14,13 +14,7 @@ from dkm_param.surgery import thin
 from strategies import seeds
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread costs more than it saves, most of all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vgg():

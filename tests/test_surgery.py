@@ -14,13 +14,7 @@ from dkm_param.errors import DKMError, SpecError
 from dkm_param.surgery import SurgeryError, count_macs, count_params, routes, thin
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches: a second thread costs more than it saves, most of all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vgg(widths=(8, 8, 16), classes=10):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import SpecError
+from .spec import check_fields
 from .kmeans import init_codebook, nearest
 from .surgery import merge, out_channels, producers, routes
 
@@ -104,10 +105,7 @@ class CSGDSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CSGDSpec":
         """Build from ``to_dict`` output, rejecting unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SpecError(f"unknown CSGDSpec field(s) {unknown}; known fields are {sorted(names)}")
+        check_fields(cls, data)
         return cls(**data)
 
     def resolve(self, name: str, module: nn.Module) -> tuple[int | float | None, str, bool]:

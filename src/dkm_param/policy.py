@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import SpecError
-from .spec import LayerSpec
+from .spec import LayerSpec, check_fields
 
 KINDS = ("cv", "fc", "emb")
 
@@ -193,10 +193,7 @@ class Policy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
         """Build from ``to_dict`` output, rejecting unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SpecError(f"unknown Policy field(s) {unknown}; known fields are {sorted(names)}")
+        check_fields(cls, data)
         spec = lambda s: None if s is None else LayerSpec.from_dict(s)  # noqa: E731
         data = dict(data)
         if "default" in data:

@@ -105,10 +105,7 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerSpec":
         """Build from a dict, rejecting keys that are not fields."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SpecError(f"unknown LayerSpec field(s) {unknown}; known fields are {sorted(names)}")
+        check_fields(cls, data)
         return cls(**data)
 
     @property
@@ -139,6 +136,14 @@ class LayerSpec:
                 f"use bits <= {max(1, vectors.bit_length() - 1)}, a smaller dim or larger groups"
             )
         return None
+
+
+def check_fields(cls: type, data: Mapping[str, Any]) -> None:
+    """Raise SpecError naming any key of ``data`` that is not a field of dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(names)}")
 
 
 def _is_real(value: Any) -> bool:
