@@ -6,6 +6,9 @@ nothing here knows about modules or policies.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -45,7 +48,479 @@ def soft_cluster_reference(
 
 
 def soft_cluster(
-    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float
+    vectors: Tensor,
+    codebook: Tensor,
+    tau: float,
+    max_iter: int,
+    epsilon: float,
+    *,
+    window: bool = True,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor, int]:
-    """DKM soft clustering used by the parametrization (see ``soft_cluster_reference``)."""
-    return soft_cluster_reference(vectors, codebook, tau, max_iter, epsilon)
+    """DKM soft clustering for training: ``soft_cluster_reference``'s results with
+    memory O(n d + iterations k d) instead of O(iterations n k).
+
+    Returns ``(soft vectors (n, d), final codebook (k, d) detached, iterations run)``.
+    Gradients reach ``vectors`` through the attention and every centroid
+    iteration; none reach ``codebook`` (callers pass a detached warm start).
+    window: in one dimension with 8 or more clusters, group the vectors by
+        value and let each chunk attend only to the centroids whose attention
+        can exceed ``eps / n`` of a row's largest (eps of the dtype); False
+        attends to every centroid.
+    chunk_elements: elements of one chunk's attention block (default ``CHUNK_ELEMENTS``).
+    Raises ValueError if ``max_iter < 1``.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    budget = max(1, int(chunk_elements or CHUNK_ELEMENTS))
+    args = (float(tau), int(max_iter), float(epsilon), window, budget)
+    if torch.is_grad_enabled() and vectors.requires_grad:
+        return _SoftCluster.apply(vectors, codebook, *args)
+    with torch.no_grad():
+        run = _cluster(vectors, codebook, *args)
+    return run.soft, run.codebooks[-1], len(run.masses)
+
+
+# ---------------------------------------------------------------------------
+# The engine behind ``soft_cluster``.
+#
+# Rows are processed in chunks: a chunk's attention is an (m, r) block, m the
+# clusters it attends to and r its rows, built, used and dropped within one
+# step of a loop, so memory stays O(n d + chunk) whatever the iterations and k.
+# Autograd keeps the vectors (and their order) and each iteration's (k, d)
+# codebook and (k,) masses only; backward recomputes the attention chunk by
+# chunk and applies the analytic gradient.
+#
+# One dimension: the rows are grouped by value once, so a chunk spans a narrow
+# range of values and attends only to the window of sorted centroids that can hold
+# attention above the dtype's precision (the others get exactly zero from
+# it), and every sum is written around the exact differences w - c: with k up
+# to 256 centroids on one axis, tau is tiny next to w^2, and expanded forms
+# such as |w|^2 - 2 w c + |c|^2 would lose most of float32's digits.
+# More dimensions: distances are still summed coordinate by coordinate, while
+# the rows are centred on their mean and backward's sums are small matmuls:
+# there tau grows like k^(-2/d) of the spread, so their cancellation costs
+# about k^(1/d) ulps, no more than the reference's own rounding.
+# ---------------------------------------------------------------------------
+
+# Elements of one chunk's attention block: small enough to stay in cache, large
+# enough to amortise the per-operation overhead.
+CHUNK_ELEMENTS = 1 << 19
+# Two passes that need the same attention (the last iteration and the soft
+# output; the first two passes of backward) share it while it has at most this
+# many elements (128 MiB in float32); beyond, the second pass recomputes it.
+CACHE_ELEMENTS = 1 << 25
+# Rows grouped by value are first cut into about this many blocks (of at least
+# _MIN_BLOCK rows, as planning costs Python time per block), then merged into chunks.
+_PLAN_BLOCKS = 512
+_MIN_BLOCK = 1024
+# One-dimensional rows are grouped into this many buckets of equal width.
+_BUCKETS = 1 << 15
+# Windows need at least this many clusters to pay for grouping the rows.
+_WINDOW_CLUSTERS = 8
+# The fixed cost of one more chunk (Python and per-operation overhead), in attention elements.
+_CHUNK_OVERHEAD = 1 << 14
+# Attention left out of a window is below eps / (n e^_MARGIN) of its row's largest.
+_MARGIN = 8.0
+# A cluster whose windowed mass is below this attends to every row, so that the
+# mass left out of windows (below eps e^-_MARGIN in all) stays negligible next to its own.
+_LIGHT_MASS = 1.0
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+class _Run(NamedTuple):
+    """What the forward iterations leave: the soft vectors, and what backward needs.
+
+    codebooks: [C_0 .. C_T], each (k, d); masses: [s_1 .. s_T], each (k,);
+    plans: each iteration's chunks ``(start, stop, cols, far)``: rows
+    [start, stop) of the processing order, ``cols`` the clusters they attend
+    to (None: all), ``far`` whether a row may be so far from every centroid
+    that its attention must be shifted by its nearest distance not to underflow.
+    order: the processing order of the vectors (None: as given).
+    """
+
+    soft: Tensor | None
+    codebooks: list
+    masses: list
+    plans: list
+    order: Tensor | None
+
+
+def _cutoff(dtype: torch.dtype, n: int) -> tuple[float, float]:
+    """``(cut, safe)``: attention below ``exp(-cut)`` of its row's largest is negligible;
+    a row whose nearest squared distance is below ``safe * tau`` needs no shift."""
+    info = torch.finfo(dtype)
+    cut = math.log(max(n, 1)) - math.log(info.eps) + _MARGIN
+    safe = max(0.0, -math.log(info.tiny) - cut - _MARGIN)
+    return cut, safe
+
+
+def _value_order(values: Tensor) -> Tensor:
+    """An order of a 1-D float tensor that sorts it up to ``(max - min) / 2**15``.  # (n,) int64
+
+    A stable sort of 16-bit bucket numbers: chunks only need rows grouped by
+    value, and a radix sort of 16-bit keys takes a third of a float sort's time.
+    """
+    low, high = torch.aminmax(values)
+    width = float(high - low)
+    if not math.isfinite(width):
+        return torch.argsort(values, stable=True)
+    # dividing first keeps the scale finite when the spread is subnormal
+    position = (values - low).div_(width) if width > 0 else torch.zeros_like(values)
+    return torch.argsort(position.mul_(_BUCKETS - 1).to(torch.int16), stable=True)
+
+
+def _rows(vectors: Tensor, order: Tensor | None, centre: Tensor | None) -> Tensor:
+    """The vectors as the rows chunks read.  # (1, n) or (d + 1, n)
+
+    One dimension: the values, in ``order`` if given. More: the coordinates
+    less ``centre`` and a row of ones, which the matmuls of backward read.
+    """
+    if centre is None:
+        values = vectors[:, 0]
+        return (values if order is None else values.index_select(0, order))[None]
+    local = (vectors - centre).T  # (d, n)
+    return torch.cat([local, local.new_ones(1, local.shape[1])])
+
+
+def _unrows(rows: Tensor, order: Tensor | None) -> Tensor:
+    """Coordinate rows in processing order back to vectors in the input order.  # (n, d)"""
+    if order is None:
+        return rows.T.contiguous()
+    return torch.empty_like(rows[0]).scatter_(0, order, rows[0])[:, None]
+
+
+def _dense_plan(n: int, k: int, budget: int) -> list:
+    """Chunks of rows that attend to every cluster."""
+    rows = max(1, budget // k)
+    return [(start, min(start + rows, n), None, True) for start in range(0, n, rows)]
+
+
+def _blocks(values: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows grouped by value cut into blocks: starts, stops, smallest and largest value
+    of each (float64, so that rounding cannot push a centroid that matters out of a window)."""
+    n = values.shape[0]
+    block = max(1, min(max(-(-n // _PLAN_BLOCKS), _MIN_BLOCK), budget // k))
+    starts = torch.arange(0, n, block, device=values.device)
+    full = n // block * block
+    low, high = torch.aminmax(values[:full].view(-1, block), dim=1)
+    if full < n:
+        tail_low, tail_high = torch.aminmax(values[full:])
+        low, high = torch.cat([low, tail_low[None]]), torch.cat([high, tail_high[None]])
+    return starts, (starts + block).clamp_max(n), low.double(), high.double()
+
+
+def _window_plan(values: Tensor, codebook: Tensor, tau: float, budget: int, blocks=None) -> list:
+    """Chunks of 1-D rows grouped by value, each attending to the centroids that can matter to it.
+
+    A centroid is left out of a chunk only if, for every row of the chunk, its
+    squared distance exceeds the row's nearest one by more than ``cut * tau``.
+    blocks: ``_blocks(values, k, budget)``, which iterations can share.
+    """
+    n, k = values.shape[0], codebook.shape[0]
+    cut, safe = _cutoff(values.dtype, n)
+    starts, stops, low, high = blocks if blocks is not None else _blocks(values, k, budget)
+    centres, order = torch.sort(codebook[:, 0].double())
+    # over [low, high] the nearest-centroid distance peaks at an end or at a midpoint
+    worst = (torch.stack([low, high])[..., None] - centres).pow(2).amin(-1).amax(0)  # (blocks,)
+    mids = (centres[1:] + centres[:-1]) / 2
+    if k > 1:
+        half_gap = ((centres[1:] - centres[:-1]) / 2).pow(2)
+        inside = (mids > low[:, None]) & (mids < high[:, None])  # (blocks, k - 1)
+        worst = torch.maximum(worst, torch.where(inside, half_gap, torch.zeros_like(half_gap)).amax(1))
+    radius = (worst + cut * tau).sqrt() * (1 + 1e-6)
+    # the nearest centroids of the ends always belong, whatever the rounding
+    first = torch.minimum(torch.searchsorted(centres, low - radius), torch.searchsorted(mids, low))
+    last = torch.maximum(torch.searchsorted(centres, high + radius, right=True), torch.searchsorted(mids, high) + 1)
+    table = torch.stack([starts, stops, first, last, (worst > safe * tau).long()]).T.tolist()
+    # merge neighbouring blocks while a wider window costs less than another chunk would
+    merged = [table[0]]
+    for start, stop, lo, hi, far in table[1:]:
+        m_start, m_stop, m_lo, m_hi, m_far = merged[-1]
+        lo_, hi_ = min(m_lo, lo), max(m_hi, hi)
+        together = (stop - m_start) * (hi_ - lo_)
+        apart = (m_stop - m_start) * (m_hi - m_lo) + (stop - start) * (hi - lo) + _CHUNK_OVERHEAD
+        if together <= budget and together <= apart:
+            merged[-1] = [m_start, stop, lo_, hi_, m_far or far]
+        else:
+            merged.append([start, stop, lo, hi, far])
+    return [(start, stop, order[lo:hi], bool(far)) for start, stop, lo, hi, far in merged]
+
+
+def _with_clusters(plan: list, clusters: Tensor) -> list:
+    """The plan with ``clusters`` added to every chunk's window.
+
+    Their attention can be far below the window's cut and is all their mass,
+    so the rows are shifted as softmax does, to reach as far before underflow.
+    """
+    return [
+        (start, stop, cols if cols is None else torch.unique(torch.cat([cols, clusters])), True)
+        for start, stop, cols, _ in plan
+    ]
+
+
+def _plan_size(plan: list, k: int) -> int:
+    """Elements of the attention over a whole plan."""
+    return sum((stop - start) * (k if cols is None else cols.numel()) for start, stop, cols, _ in plan)
+
+
+def _pick(table: Tensor, cols: Tensor | None) -> Tensor:
+    return table if cols is None else table.index_select(0, cols)
+
+
+def _attention(chunk: Tensor, centroids: Tensor, tau: float, far: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Unnormalised attention ``exp(-||w - c||^2 / tau)`` of a chunk, its inverse row
+    sums and, in one dimension, the differences ``w - c``.  # (m, r), (r,), (m, r)
+
+    chunk: rows from ``_rows``; centroids: (m, d), centred like the rows.
+    Rows are shifted by their nearest distance, as softmax does, when ``far``
+    (always in more dimensions); otherwise the nearest centroid's term cannot
+    underflow and the shift would cost a pass. The shift subtracts before it
+    scales, so that the nearest term is exactly exp(0). exp2 is twice as fast
+    as exp on CPU, so log2(e) is folded into the scale.
+    """
+    scale = _LOG2_E / tau
+    diff = None
+    if centroids.shape[1] == 1:
+        diff = torch.sub(chunk[0][None], centroids)  # (m, r)
+        if far:
+            dist = diff * diff
+            attn = torch.sub(dist.amin(0, keepdim=True), dist, out=dist).mul_(scale)
+        else:
+            attn = torch.addcmul(diff.new_zeros(()), diff, diff, value=-scale)
+    else:
+        # coordinate by coordinate: the expansion |w|^2 - 2 w.c + |c|^2 loses digits to
+        # cancellation that exp then turns into relative error
+        dist = torch.sub(chunk[0][None], centroids[:, :1]).square_()  # (m, r)
+        buffer = torch.empty_like(dist)
+        for j in range(1, centroids.shape[1]):
+            diff = torch.sub(chunk[j][None], centroids[:, j : j + 1], out=buffer)
+            dist.addcmul_(diff, diff)
+        attn = torch.sub(dist.amin(0, keepdim=True), dist, out=dist).mul_(scale)
+    attn = attn.exp2_()
+    return attn, attn.sum(0).reciprocal_(), diff
+
+
+def _centroid_stats(rows: Tensor, centroids: Tensor, tau: float, plan: list, keep: bool):
+    """``(sum_i A_ij (k,), sum_i A_ij w_i (k, d), [(attn, inv) per chunk] if keep)``."""
+    k, d = centroids.shape
+    stats = rows.new_zeros(d + 1, k)  # the mass, then the weighted sum of each coordinate
+    kept = [] if keep else None
+    for start, stop, cols, far in plan:
+        chunk = rows[:, start:stop]
+        attn, inv, _ = _attention(chunk, _pick(centroids, cols), tau, far)
+        part = torch.stack([attn @ inv] + [attn @ (chunk[j] * inv) for j in range(d)])  # (d + 1, m)
+        if cols is None:
+            stats += part
+        else:
+            stats.index_add_(1, cols, part)
+        if keep:
+            kept.append((attn, inv))
+    return stats[0], stats[1:].T, kept
+
+
+def _cluster(
+    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, window: bool, budget: int
+) -> _Run:
+    """The forward iterations, as ``soft_cluster_reference`` runs them."""
+    (n, d), k = vectors.shape, codebook.shape[0]
+    order = _value_order(vectors[:, 0]) if window and d == 1 and k >= _WINDOW_CLUSTERS else None
+    centre = vectors.detach().mean(0) if d > 1 else None
+    rows = _rows(vectors, order, centre)
+    tiny = torch.finfo(vectors.dtype).tiny
+    codebooks, masses, plans = [codebook], [], []
+    light = None  # clusters attending to every row, kept from one iteration to the next
+    blocks = None if order is None else _blocks(rows[0], k, budget)
+    centroids = codebook
+    for _ in range(max_iter):
+        local = centroids if centre is None else centroids - centre
+        if order is None:
+            plan = base = _dense_plan(n, k, budget)
+        else:
+            base = _window_plan(rows[0], centroids, tau, budget, blocks)
+            plan = base if light is None else _with_clusters(base, light)
+        mass, weighted, kept = _centroid_stats(rows, local, tau, plan, _plan_size(plan, k) <= CACHE_ELEMENTS)
+        if order is not None:
+            now_light = (mass < _LIGHT_MASS).nonzero()[:, 0]
+            if now_light.numel() and (light is None or not torch.isin(now_light, light).all()):
+                light = now_light if light is None else torch.unique(torch.cat([light, now_light]))
+                plan, kept = _with_clusters(base, light), None
+                mass, weighted, kept = _centroid_stats(rows, local, tau, plan, _plan_size(plan, k) <= CACHE_ELEMENTS)
+        moved = weighted / mass.clamp_min(tiny)[:, None]
+        if centre is not None:
+            moved = moved + centre
+        updated = torch.where(mass[:, None] > 0, moved, centroids)
+        shift = (updated - centroids).abs().max()
+        codebooks.append(updated)
+        masses.append(mass)
+        plans.append(plan)
+        attend, centroids = local, updated
+        if shift.item() <= epsilon:
+            break
+    final = centroids if centre is None else centroids - centre
+    soft = rows.new_empty(d, n)  # A_T C_T, A_T from the codebook before the last update
+    for index, (start, stop, cols, far) in enumerate(plan):
+        if kept is not None:
+            (attn, inv), kept[index] = kept[index], None
+        else:
+            attn, inv, _ = _attention(rows[:, start:stop], _pick(attend, cols), tau, far)
+        soft[:, start:stop] = (_pick(final, cols).T @ attn) * inv
+    if centre is not None:
+        soft += centre[:, None]
+    return _Run(_unrows(soft, order), codebooks, masses, plans, order)
+
+
+def _cluster_backward(vectors: Tensor, grad_soft: Tensor, run: _Run, tau: float) -> Tensor:
+    """Gradient with respect to the vectors of ``sum(grad_soft * soft)``.  # (n, d)
+
+    Walks the iterations in reverse. For the output ``Y = A_T C_T``:
+    ``gA = gY C_T^T`` and ``gC_T = A_T^T gY``. For an update ``C' = A^T W / s``:
+    ``gW += A (gC' / s)`` and ``gA_ij = (w_i - C'_j) . gC'_j / s_j``. Through the
+    softmax, with ``D = -||w - c||^2``: ``gD = A (gA - rowsum(A gA)) / tau``,
+    ``gW_i -= 2 sum_j gD_ij (w_i - c_j)`` and ``gC_j += 2 sum_i gD_ij (w_i - c_j)``.
+    gA is written without per-row constants (such as gY_i . w_i, which the
+    softmax removes anyway), so they cannot leave rounding behind.
+    """
+    codebooks, masses, plans, order = run.codebooks, run.masses, run.plans, run.order
+    (n, d), k = vectors.shape, codebooks[0].shape[0]
+    centre = vectors.detach().mean(0) if d > 1 else None
+    rows = _rows(vectors, order, centre)
+    if centre is None:
+        grads = _rows(grad_soft, order, None)  # (1, n)
+    else:
+        grads = grad_soft.T  # (d, n)
+        rows = torch.cat([rows, grads])  # the last iteration's gA matmul reads gY too
+        grads = rows[d + 1 :]
+    local = codebooks if centre is None else [c - centre for c in codebooks]
+    tiny = torch.finfo(rows.dtype).tiny
+    iterations = len(masses)
+
+    grad_c = torch.zeros_like(local[-1])  # gC_T = A_T^T gY
+    kept = [] if _plan_size(plans[-1], k) <= CACHE_ELEMENTS else None
+    for start, stop, cols, far in plans[-1]:
+        attn, inv, _ = _attention(rows[:, start:stop], _pick(local[-2], cols), tau, far)
+        part = torch.stack([attn @ (grads[j, start:stop] * inv) for j in range(d)], 1)  # (m, d)
+        if cols is None:
+            grad_c += part
+        else:
+            grad_c.index_add_(0, cols, part)
+        if kept is not None:
+            kept.append((attn, inv))
+
+    grad_rows = rows.new_zeros(d, n)
+    scale = 2.0 / tau
+    for t in range(iterations, 0, -1):
+        mass = masses[t - 1]
+        # A cluster with almost no mass moves by A^T W / s with A of the order of s:
+        # its gradient path is of that order too, but gC' / s alone overflows
+        # before the attention cancels it, so such clusters pass no gradient.
+        live = mass > tiny**0.5
+        grad_new = torch.where(live[:, None], grad_c / mass.clamp_min(tiny)[:, None], torch.zeros_like(grad_c))
+        # gA_ij = (w_i - a_j) . g_j, a_j = C'_j where the mass passed clamp_min(tiny), else 0
+        anchor = torch.where((mass >= tiny)[:, None], codebooks[t], torch.zeros_like(grad_c))
+        if centre is not None:
+            anchor = anchor - centre
+        table = _gradient_table(local[t - 1], grad_new, anchor, local[-1], last=t == iterations)
+        with_bias = t < iterations or bool(((mass > 0) & (mass < tiny)).any())
+        grad_c = torch.where(mass[:, None] > 0, torch.zeros_like(grad_c), grad_c) if t > 1 else None
+        chunk_grad = _chunk_grad if centre is None else _chunk_grad_nd
+        for index, (start, stop, cols, far) in enumerate(plans[t - 1]):
+            cached = kept[index] if t == iterations and kept is not None else None
+            if cached is not None:
+                kept[index] = None
+            grad_w, part = chunk_grad(
+                rows[:, start:stop], grads[:, start:stop], _pick(table, cols), tau, far, cached,
+                last=t == iterations, with_bias=with_bias, need_prev=grad_c is not None,
+            )
+            grad_rows[:, start:stop] += grad_w
+            if part is not None:
+                if cols is None:
+                    grad_c += part
+                else:
+                    grad_c.index_add_(0, cols, part)
+    return _unrows(grad_rows, order)
+
+
+def _gradient_table(attend: Tensor, grad_new: Tensor, anchor: Tensor, final: Tensor, last: bool) -> Tensor:
+    """Per-cluster values one backward iteration needs.  # (k, ...)
+
+    attend: the codebook the attention used; grad_new: ``gC' / s``; anchor:
+    ``a`` above; final: ``C_T``, whose terms only the last iteration has.
+    One dimension, ``[c, g, bias (, C_T - c)]``: gA is written around ``w - c``,
+    ``(w - c) g - (a - c) g``, or in the last iteration ``(w - C_T)(g - gY) + (C_T - a) g``.
+    More, ``[c, 1, g, -a.g (, C_T)]``: gA is the matmul ``[g, -a.g, C_T] @ [w; 1; gY]``
+    and ``[c, 1]`` weighs the moments of backward's sums.
+    """
+    if attend.shape[1] == 1:
+        if last:
+            return torch.cat([attend, grad_new, (final - anchor) * grad_new, final - attend], 1)
+        return torch.cat([attend, grad_new, (attend - anchor) * grad_new], 1)
+    ones = torch.ones_like(attend[:, :1])
+    bias = -(anchor * grad_new).sum(1, keepdim=True)
+    return torch.cat([attend, ones, grad_new, bias] + ([final] if last else []), 1)
+
+
+def _chunk_grad(rows, grads, table, tau, far, cached, last, with_bias, need_prev):
+    """One chunk's share of one backward iteration, one dimension.
+
+    Returns ``(gW of the chunk's rows (1, r), gC of the attended clusters (m, 1) or None)``.
+    """
+    centroids, g, bias = table[:, :1], table[:, 1:2], table[:, 2:3]
+    diff = torch.sub(rows[0][None], centroids)  # (m, r)
+    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far)[:2]
+    # (an out-of-place addcmul with a broadcast first operand is several times slower)
+    if last:
+        gap = diff - table[:, 3:4]  # w - C_T
+        grad_a = torch.mul(gap, g).addcmul_(gap, grads[:1], value=-1.0)
+    else:
+        grad_a = torch.mul(diff, g)
+    if with_bias:
+        grad_a.add_(bias)
+    prod = grad_a.mul_(attn)  # (m, r)
+    prod.addcmul_(attn, (prod.sum(0) * inv)[None], value=-1.0)  # A (gA - rowsum(A gA)) / inv
+    scale = 2.0 / tau
+    moment = diff.mul_(prod)  # the exact differences, not 2 gD C: see the engine's notes
+    grad_w = inv * (g[:, 0] @ attn - scale * moment.sum(0))
+    return grad_w[None], (scale * (moment @ inv))[:, None] if need_prev else None
+
+
+def _chunk_grad_nd(rows, grads, table, tau, far, cached, last, with_bias, need_prev):
+    """One chunk's share of one backward iteration, more dimensions (centred rows).
+
+    Returns ``(gW of the chunk's rows (d, r), gC of the attended clusters (m, d) or None)``.
+    """
+    d = grads.shape[0]
+    centroids, g, coef = table[:, :d], table[:, d + 1 : 2 * d + 1], table[:, d + 1 :]
+    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far)[:2]
+    prod = (coef @ rows[: coef.shape[1]]).mul_(attn)  # gA A  (m, r)
+    prod.addcmul_(attn, (prod.sum(0) * inv)[None], value=-1.0)  # A (gA - rowsum(A gA)) / inv
+    scale = 2.0 / tau
+    # sum_j prod_ij (c_j - w_i), both parts kept: the rows of prod sum to zero only up to rounding
+    moments = table[:, : d + 1].T @ prod  # (d + 1, r): sum_j prod_ij c_j and sum_j prod_ij
+    grad_w = inv * (g.T @ attn + scale * (moments[:d] - rows[:d] * moments[d]))
+    if not need_prev:
+        return grad_w, None
+    weighted = prod @ inv  # (m,)
+    part = torch.stack([prod @ (rows[j] * inv) for j in range(d)], 1) - centroids * weighted[:, None]
+    return grad_w, part.mul_(scale)
+
+
+class _SoftCluster(torch.autograd.Function):
+    """``soft_cluster`` whose backward recomputes the attention: saves the vectors,
+    their order and the (k, d) codebooks and masses, nothing of size n k."""
+
+    @staticmethod
+    def forward(ctx, vectors, codebook, tau, max_iter, epsilon, window, budget):
+        run = _cluster(vectors, codebook, tau, max_iter, epsilon, window, budget)
+        order = run.order if run.order is not None else vectors.new_empty(0, dtype=torch.long)
+        ctx.save_for_backward(vectors, order, torch.stack(run.codebooks), torch.stack(run.masses))
+        ctx.plans, ctx.tau, ctx.sorted = run.plans, tau, run.order is not None
+        final = run.codebooks[-1]
+        ctx.mark_non_differentiable(final)
+        return run.soft, final, len(run.masses)
+
+    @staticmethod
+    def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
+        vectors, order, codebooks, masses = ctx.saved_tensors
+        run = _Run(None, list(codebooks), list(masses), ctx.plans, order if ctx.sorted else None)
+        return _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau), None, None, None, None, None, None

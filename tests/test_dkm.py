@@ -1,0 +1,287 @@
+"""The DKM engine (``dkm.soft_cluster``) against the plain unrolled reference.
+
+Tolerances, relative to the largest magnitude of the reference's tensor:
+float64: output, final codebook and gradient within 1e-9 (measured: below
+1e-12); float32: output and codebook within 1e-4, gradient within 2e-3
+(measured: 1e-5 and 2e-4; the reference's own float32 error is of the same
+order). Iteration counts are equal. Inputs where the reference meets a
+subnormal cluster mass are left out: there it divides by ``finfo.tiny`` and
+its result is the rounding of subnormal numbers.
+"""
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from dkm_param import dkm, kmeans
+
+from strategies import bits, dims, seeds, weights
+
+TIGHT = 1e-9  # float64
+OUTPUT_32 = 1e-4
+GRADIENT_32 = 2e-3
+
+
+def realistic_start(vectors: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """Codebook, tau and epsilon as the parametrization sets them up."""
+    codebook = kmeans.init_codebook(vectors, k, "kmeans++", seed)
+    tau = 2.0 * float(kmeans.squared_distance_to_nearest(vectors, codebook).mean())
+    if tau <= 0:  # at most k distinct vectors
+        tau = 2.0 * float(vectors.pow(2).mean().clamp_min(torch.finfo(vectors.dtype).tiny))
+    return codebook, tau, 1e-3 * float(vectors.std(unbiased=False))
+
+
+@st.composite
+def problems(draw, dtype=torch.float64, realistic: bool = False):
+    """(vectors (n, d), codebook (k, d), tau, max_iter, epsilon) with n k small enough to be quick.
+
+    The codebook is a k-means++ start, a warm start (converged iterations) or,
+    unless ``realistic``, random points; tau is the realistic one times 0.1, 1 or 10.
+    """
+    b = draw(bits)
+    k = 1 << b
+    weight, d = draw(weights(min_vectors=1, max_vectors=max(1, min(300, 20_000 // k))))
+    vectors = weight.reshape(-1, d).to(dtype)
+    codebook, tau, epsilon = realistic_start(vectors, k, draw(seeds))
+    start = draw(st.sampled_from(["kmeans++", "warm"] if realistic else ["kmeans++", "warm", "random"]))
+    if start == "warm":
+        _, codebook, _ = dkm.soft_cluster_reference(vectors, codebook, tau, 20, 0.0)
+    elif start == "random":
+        gen = torch.Generator().manual_seed(draw(seeds))
+        codebook = torch.randn(k, d, generator=gen, dtype=dtype) * vectors.abs().max().clamp_min(1e-30)
+    if not realistic:
+        tau *= draw(st.sampled_from([0.1, 1.0, 10.0]))
+    # epsilon well above the rounding of the centroids: below it, whether an iteration
+    # stops is a coin toss of rounding (test_epsilon_stops_the_iterations_early covers 0)
+    size = float(vectors.abs().max().clamp_min(1e-30))
+    least = 1e3 * torch.finfo(dtype).eps * size
+    epsilon = draw(st.sampled_from([least, max(epsilon, least), 0.1 * size]))
+    problem = vectors, codebook, tau, draw(st.integers(1, 6)), epsilon
+    assume(well_posed(*problem))
+    return problem
+
+
+def well_posed(vectors, codebook, tau, max_iter, epsilon) -> bool:
+    """Whether the reference's iterations stay clear of subnormal cluster masses, where
+    it divides by ``finfo.tiny`` (its ``clamp_min``) and its result is subnormal rounding."""
+    tiny = torch.finfo(vectors.dtype).tiny
+    for _ in range(max_iter):
+        attn = dkm.attention(vectors, codebook, tau)
+        mass = attn.sum(0)
+        if ((mass > 0) & (mass < tiny)).any() or not torch.isfinite(attn).all():
+            return False
+        updated = dkm.centroid_update(vectors, attn, codebook)
+        shift, codebook = (updated - codebook).abs().max(), updated
+        if shift <= epsilon:
+            break
+    return True
+
+
+def run(fn, vectors, codebook, tau, max_iter, epsilon, grad_seed: int = 0, **options):
+    """(soft, final codebook, iterations, gradient of sum(soft * g) for a fixed random g)."""
+    vectors = vectors.detach().clone().requires_grad_(True)
+    soft, final, iterations = fn(vectors, codebook.clone(), tau, max_iter, epsilon, **options)
+    upstream = torch.randn(soft.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=soft.dtype)
+    (soft * upstream).sum().backward()
+    return soft.detach(), final, iterations, vectors.grad
+
+
+def reference(*problem):
+    """The reference's results, when they are finite: with a near-empty cluster its
+    gradient can overflow (it forms w.g and c.g apart), and then there is nothing to match."""
+    out = run(dkm.soft_cluster_reference, *problem)
+    assume(all(torch.isfinite(t).all() for t in (out[0], out[1], out[3])))
+    return out
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=0.0, atol=tolerance * scale + 1e-300)
+
+
+@given(problem=problems())
+def test_engine_matches_reference_output(problem):
+    ref = reference(*problem)
+    got = run(dkm.soft_cluster, *problem)
+    assert got[2] == ref[2]
+    assert_near(got[0], ref[0], TIGHT)
+    assert_near(got[1], ref[1], TIGHT)
+
+
+@given(problem=problems())
+def test_engine_matches_reference_gradient(problem):
+    ref = reference(*problem)
+    got = run(dkm.soft_cluster, *problem)
+    assert_near(got[3], ref[3], TIGHT)
+
+
+@given(problem=problems())
+def test_window_changes_nothing_but_speed(problem):
+    windowed = run(dkm.soft_cluster, *problem, window=True)
+    dense = run(dkm.soft_cluster, *problem, window=False)
+    assert windowed[2] == dense[2]
+    for got, want in zip(windowed[:2] + windowed[3:], dense[:2] + dense[3:]):
+        assert_near(got, want, TIGHT)
+
+
+@given(problem=problems(dtype=torch.float32, realistic=True))
+def test_engine_matches_reference_in_float32(problem):
+    ref = reference(*problem)
+    got = run(dkm.soft_cluster, *problem)
+    assert got[2] == ref[2]
+    assert_near(got[0], ref[0], OUTPUT_32)
+    assert_near(got[1], ref[1], OUTPUT_32)
+    assert_near(got[3], ref[3], GRADIENT_32)
+
+
+@given(problem=problems(dtype=torch.float32, realistic=True), far=st.sampled_from([0.0, 1e3, 1e6]))
+def test_engine_gradients_are_finite(problem, far):
+    vectors, codebook, tau, max_iter, epsilon = problem
+    if far:  # an outlier weight, far beyond every centroid
+        vectors = vectors.clone()
+        vectors[0] = far * vectors.abs().max().clamp_min(1e-30)
+    soft, final, _, grad = run(dkm.soft_cluster, vectors, codebook, tau, max_iter, epsilon)
+    assert torch.isfinite(soft).all() and torch.isfinite(final).all() and torch.isfinite(grad).all()
+
+
+@given(problem=problems())
+def test_no_grad_gives_the_same_result_and_no_graph(problem):
+    vectors, codebook, tau, max_iter, epsilon = problem
+    with torch.no_grad():
+        leaf = vectors.clone().requires_grad_(True)
+        soft, final, iterations = dkm.soft_cluster(leaf, codebook, tau, max_iter, epsilon)
+    assert soft.grad_fn is None and not soft.requires_grad
+    want = run(dkm.soft_cluster, vectors, codebook, tau, max_iter, epsilon)
+    assert iterations == want[2]
+    assert torch.equal(soft, want[0]) and torch.equal(final, want[1])
+
+
+@given(problem=problems(), chunk=st.sampled_from([1, 3, 16, 100, 1000]))
+def test_chunk_size_changes_nothing(problem, chunk):
+    small = run(dkm.soft_cluster, *problem, chunk_elements=chunk)
+    ref = reference(*problem)
+    assert small[2] == ref[2]
+    for got, want in zip(small[:2] + small[3:], ref[:2] + ref[3:]):
+        assert_near(got, want, TIGHT)
+
+
+@given(d=dims, seed=seeds, n=st.integers(1, 3000), cache=st.sampled_from([0, 1 << 25]))
+def test_chunk_boundaries_and_attention_cache(d, seed, n, cache):
+    # many chunks, n not a multiple of any of them; with and without the shared attention
+    gen = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    codebook, tau, epsilon = realistic_start(vectors, 8)
+    ref = run(dkm.soft_cluster_reference, vectors, codebook, tau, 3, epsilon)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dkm, "CHUNK_ELEMENTS", 97)
+        patch.setattr(dkm, "CACHE_ELEMENTS", cache)
+        got = run(dkm.soft_cluster, vectors, codebook, tau, 3, epsilon)
+    assert got[2] == ref[2]
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
+        assert_near(a, b, TIGHT)
+
+
+def test_windows_attend_to_few_centroids_and_match_reference():
+    gen = torch.Generator().manual_seed(1)
+    vectors = torch.randn(20_000, 1, generator=gen, dtype=torch.float64) * 0.05
+    codebook, tau, epsilon = realistic_start(vectors, 64)
+    budget = 1 << 14  # chunks of 20,000 rows' data as small as those of a million-weight layer
+    order = dkm._value_order(vectors[:, 0])
+    plan = dkm._window_plan(vectors[order, 0], codebook, tau, budget)
+    assert dkm._plan_size(plan, 64) < 0.25 * 20_000 * 64
+    ref = run(dkm.soft_cluster_reference, vectors, codebook, tau, 5, epsilon)
+    got = run(dkm.soft_cluster, vectors, codebook, tau, 5, epsilon, chunk_elements=budget)
+    assert got[2] == ref[2] == 5
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
+        assert_near(a, b, TIGHT)
+
+
+def test_light_cluster_attends_to_every_vector():
+    # a centroid far out in the tail holds less than one vector's worth of attention,
+    # so the attention that windows leave out would matter to it: it must be exact
+    gen = torch.Generator().manual_seed(2)
+    vectors = torch.randn(5000, 1, generator=gen, dtype=torch.float64)
+    codebook, tau, epsilon = realistic_start(vectors, 16)
+    codebook[0] = vectors.max() + 6 * tau**0.5
+    ref = run(dkm.soft_cluster_reference, vectors, codebook, tau, 4, 0.0)
+    got = run(dkm.soft_cluster, vectors, codebook, tau, 4, 0.0)
+    assert got[2] == ref[2] == 4
+    assert 0 < ref[1][0, 0] < codebook[0, 0]  # it moved, by a tiny mass's pull
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
+        assert_near(a, b, TIGHT)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_cluster_with_zero_mass_keeps_its_centroid(d):
+    gen = torch.Generator().manual_seed(3)
+    vectors = torch.randn(500, d, generator=gen, dtype=torch.float64)
+    codebook, tau, _ = realistic_start(vectors, 8)
+    codebook[3] = 1e6  # exp(-1e12 / tau) is exactly zero
+    ref = run(dkm.soft_cluster_reference, vectors, codebook, tau, 3, 0.0)
+    got = run(dkm.soft_cluster, vectors, codebook, tau, 3, 0.0)
+    assert torch.equal(got[1][3], codebook[3]) and torch.equal(ref[1][3], codebook[3])
+    assert torch.isfinite(got[3]).all()
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
+        assert_near(a, b, TIGHT)
+
+
+@pytest.mark.parametrize("d", [1, 4])
+def test_epsilon_stops_the_iterations_early(d):
+    gen = torch.Generator().manual_seed(4)
+    vectors = torch.randn(2000, d, generator=gen, dtype=torch.float64)
+    codebook, tau, epsilon = realistic_start(vectors, 16)
+    _, warm, _ = dkm.soft_cluster_reference(vectors, codebook, tau, 30, 0.0)
+    step = dkm.centroid_update(vectors, dkm.attention(vectors, warm, tau), warm)
+    settled = 2 * float((step - warm).abs().max())  # the warm start moves less than this
+    for start, eps, expect in [(warm, settled, 1), (codebook, float("inf"), 1), (codebook, 0.0, 7), (codebook, epsilon, None)]:
+        ref = run(dkm.soft_cluster_reference, vectors, start, tau, 7, eps)
+        got = run(dkm.soft_cluster, vectors, start, tau, 7, eps)
+        assert got[2] == ref[2] == (expect or ref[2])
+        for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
+            assert_near(a, b, TIGHT)
+
+
+@pytest.mark.parametrize("d, b", [(1, 8), (1, 4), (2, 6), (4, 4)])
+def test_autograd_keeps_nothing_of_size_n_k(d, b):
+    n, k, max_iter = 4096, 1 << b, 5
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.randn(n, d, generator=gen, requires_grad=True)
+    codebook, tau, _ = realistic_start(vectors.detach(), k)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        soft, _, iterations = dkm.soft_cluster(vectors, codebook, tau, max_iter, 0.0)
+    assert iterations == max_iter
+    # the vectors, their sort order and each iteration's codebook and masses
+    assert sum(saved) <= n * d + n + (max_iter + 1) * k * d + max_iter * k
+    assert sum(saved) < n * k / 2
+    soft.sum().backward()
+    assert torch.isfinite(vectors.grad).all()
+    reference = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: reference.append(t.numel()) or t, lambda t: t):
+        dkm.soft_cluster_reference(vectors, codebook, tau, max_iter, 0.0)
+    assert sum(reference) > max_iter * n * k  # the hooks do see what the plain unrolling keeps
+
+
+def test_codebook_gets_no_gradient_and_is_returned_detached():
+    gen = torch.Generator().manual_seed(6)
+    vectors = torch.randn(300, 1, generator=gen, requires_grad=True)
+    codebook, tau, epsilon = realistic_start(vectors.detach(), 4)
+    codebook.requires_grad_(True)
+    soft, final, _ = dkm.soft_cluster(vectors, codebook, tau, 3, epsilon)
+    assert not final.requires_grad
+    soft.sum().backward()
+    assert codebook.grad is None and vectors.grad is not None
+
+
+def test_max_iter_below_one_is_an_error():
+    with pytest.raises(ValueError, match="max_iter"):
+        dkm.soft_cluster(torch.zeros(4, 1), torch.zeros(2, 1), 1.0, 0, 0.0)
+
+
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=300))
+def test_value_order_sorts_up_to_a_bucket(values):
+    tensor = torch.tensor(values, dtype=torch.float32)
+    ordered = tensor[dkm._value_order(tensor)].double()
+    width = (ordered.max() - ordered.min()) / dkm._BUCKETS
+    assert (ordered.cummax(0).values - ordered).max() <= width * 1.01
