@@ -409,12 +409,13 @@ def _cluster_backward(vectors: Tensor, grad_soft: Tensor, run: _Run, tau: float)
 
     grad_rows = rows.new_zeros(d, n)
     scale = 2.0 / tau
+    reach = 2.0 * (float(rows[:d].abs().amax()) + max(float(c.abs().amax()) for c in local)) if n else 0.0
     for t in range(iterations, 0, -1):
         mass = masses[t - 1]
         # A cluster with almost no mass moves by A^T W / s with A of the order of s:
-        # its gradient path is of that order too, but gC' / s alone overflows
-        # before the attention cancels it, so such clusters pass no gradient.
-        live = mass > tiny**0.5
+        # its gradient path is of that order too, but gC' / s alone can overflow
+        # the dtype before the attention cancels it; such clusters pass no gradient.
+        live = _safe_to_divide(grad_c, mass, reach * scale * n)
         grad_new = torch.where(live[:, None], grad_c / mass.clamp_min(tiny)[:, None], torch.zeros_like(grad_c))
         # gA_ij = (w_i - a_j) . g_j, a_j = C'_j where the mass passed clamp_min(tiny), else 0
         anchor = torch.where((mass >= tiny)[:, None], codebooks[t], torch.zeros_like(grad_c))
@@ -439,6 +440,14 @@ def _cluster_backward(vectors: Tensor, grad_soft: Tensor, run: _Run, tau: float)
                 else:
                     grad_c.index_add_(0, cols, part)
     return _unrows(grad_rows, order)
+
+
+def _safe_to_divide(grad_c: Tensor, mass: Tensor, growth: float) -> Tensor:
+    """Clusters whose ``gC' / s``, grown by ``growth`` (distances, 1/tau, rows),
+    stays well inside the dtype's range; the others are treated as massless."""
+    limit = torch.finfo(grad_c.dtype).max / 1024.0
+    need = grad_c.detach().double().abs().amax(1) * growth
+    return (mass > 0) & (mass.double() * limit > need)
 
 
 def _gradient_table(attend: Tensor, grad_new: Tensor, anchor: Tensor, final: Tensor, last: bool) -> Tensor:
