@@ -44,3 +44,12 @@ def test_without_tqdm_returns_the_iterable_itself(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
     items = [1, 2]
     assert track(items, enabled=True) is items
+
+
+def test_tqdm_disable_silences_even_a_forced_bar(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    from dkm_param.progress import track
+
+    assert list(track(range(3), total=3, desc="layers", enabled=True, delay=0)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
