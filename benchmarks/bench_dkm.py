@@ -4,16 +4,21 @@ engine ``dkm.soft_cluster`` against the plain unrolled ``soft_cluster_reference`
 Each case runs each engine in its own subprocess, so that peak memory is clean:
 "extra memory" is the growth of ``ru_maxrss`` over one forward+backward step
 (the inputs are created, and the engine run once on 4096 vectors to set up
-its libraries, before the first reading; the gradient buffer is part of the
-step). Time per step is the median of ``--repeats`` steps run after
-that first one (``--ref-repeats`` for the reference, whose steps can take a
-minute). The codebook and temperature are set up as the parametrization does:
+its libraries, before the first reading; freed memory is then handed back to
+the system and the peak restarted from the current RSS through
+/proc/self/clear_refs; the gradient buffer is part of the step). Time per step is the least of ``--repeats`` steps run after that
+first one (``--ref-repeats`` for the reference, whose steps can take a
+minute): the least disturbed by anything else on the machine.
+
+The codebook and temperature are set up as the parametrization does:
 k-means++ (``kmeans.init_codebook``), ``tau = 2 * mean squared distance to the
 nearest centroid``, ``epsilon = 1e-3 * std``, at most 5 iterations; from such a
-fresh codebook the iterations rarely stop early.
+fresh codebook the iterations rarely stop early. The weights are normal with
+std 0.05. Besides the engine-reference difference, each float32 result is
+compared with the same step in float64.
 
 With ``--threads 1 --cpu-time`` the times are the worker's CPU time, which
-another busy process on the machine barely disturbs (wall time with two
+another busy process on the machine disturbs far less (wall time with two
 threads can be many times longer when the cores are shared).
 
 Usage: python benchmarks/bench_dkm.py [--cases NAME ...] [--repeats 5] [--ref-repeats 1]
@@ -23,10 +28,11 @@ Usage: python benchmarks/bench_dkm.py [--cases NAME ...] [--repeats 5] [--ref-re
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +69,25 @@ def setup(weights: int, bits: int, dim: int) -> dict:
     return {"codebook": codebook, "tau": tau, "epsilon": 1e-3 * float(vectors.std())}
 
 
+def reset_peak() -> None:
+    """Restart the peak RSS (and ru_maxrss) from the current RSS, where Linux allows: else the
+    step's growth hides below peaks left by start-up (importing torch, loading the inputs).
+
+    Freed memory is first handed back to the system (glibc's malloc_trim), or the step
+    could reuse it while it is still resident and its growth would not show in the RSS.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str, out_path: str) -> None:
     """Runs in the subprocess: one measured step, then ``repeats`` timed ones."""
     from dkm_param import dkm
@@ -89,6 +114,7 @@ def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str,
     small = vectors[:4096].detach().clone().requires_grad_(True)
     fn(small, start["codebook"].clone(), start["tau"], max_iter, start["epsilon"])[0].sum().backward()
     del small
+    reset_peak()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     first, soft, iterations = step()
     extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
@@ -156,7 +182,7 @@ def measure(case: str, repeats: int, ref_repeats: int, tmp: str) -> dict:
         row[f"e_eng_{key}"] = (b[key].double() - truth[key]).abs().max().item() / scale
     row.update(max_iter=max_iter, iterations=(ref["iterations"], eng["iterations"]))
     for name, res in (("ref", ref), ("eng", eng)):
-        row[f"t_{name}"] = statistics.median(res["times"]) if res["times"] else res["first"]
+        row[f"t_{name}"] = min(res["times"]) if res["times"] else res["first"]
         row[f"first_{name}"] = res["first"]
         row[f"m_{name}"] = res["extra_mib"]
     return row

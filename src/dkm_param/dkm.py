@@ -108,8 +108,9 @@ def soft_cluster(
 CHUNK_ELEMENTS = 1 << 19
 # Two passes that need the same attention (the last iteration and the soft
 # output; the first two passes of backward) share it while it has at most this
-# many elements (128 MiB in float32); beyond, the second pass recomputes it.
-CACHE_ELEMENTS = 1 << 25
+# many elements (16 MiB in float32); beyond, the second pass recomputes it.
+# Sharing saves 1 to 25% of the time, and would double the memory of a large layer.
+CACHE_ELEMENTS = 1 << 22
 # Rows grouped by value are first cut into about this many blocks (of at least
 # _MIN_BLOCK rows, as planning costs Python time per block), then merged into chunks.
 _PLAN_BLOCKS = 512
