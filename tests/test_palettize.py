@@ -104,7 +104,8 @@ def test_fisher_gives_one_non_negative_tensor_per_weight():
 def test_palettized_codebooks_seed_dkm():
     model = mlp()
     compressed = dp.palettize(model, POLICY, inplace=False)
-    dp.register_dkm(model, POLICY, init=compressed)
+    kept = dp.Policy(default=dp.LayerSpec(bits=3, settle_iter=0), small_layer_bits=None)
+    dp.register_dkm(model, kept, init=compressed)
     for name, layer in compressed.layers.items():
         param = model.get_submodule(name.removesuffix(".weight")).parametrizations.weight[0]
         assert torch.equal(param.codebook, layer.codebook)

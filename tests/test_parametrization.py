@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dkm_param as dp
-from dkm_param import kmeans
+from dkm_param import dkm, kmeans
 
 from strategies import scales, specs, weights
 
@@ -130,3 +130,17 @@ def test_non_finite_weights_are_detected_not_passed_on():
     broken[7] = float("nan")
     with pytest.raises(dp.DKMError, match=r"layer 'blocks.3'.*the weight holds NaN or Inf"):
         param(broken)
+
+
+def test_registration_settles_the_codebook_so_training_steps_stop_early():
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(3)) * 0.05
+    vectors = weight.reshape(-1, 1)
+
+    def iterations(param):
+        return dkm.soft_cluster(vectors, param.codebook, float(param.tau), 5, float(param.epsilon))[2]
+
+    seeded = make(weight, dp.LayerSpec(bits=4, settle_iter=0))
+    settled = make(weight, dp.LayerSpec(bits=4))
+    assert torch.equal(seeded.tau, settled.tau)  # the temperature comes from the seed
+    assert iterations(seeded) == 5
+    assert iterations(settled) == 1

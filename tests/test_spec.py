@@ -21,6 +21,7 @@ def test_defaults_are_the_papers_protocol():
         ("tau", float("nan"), "tau must be a positive"),
         ("tau_rel", 0.0, "tau_rel must be a positive"),
         ("max_iter", 0, "max_iter must be in >= 1"),
+        ("settle_iter", -1, "settle_iter must be in >= 0"),
         ("epsilon", -1e-3, "epsilon must be a finite number >= 0"),
         ("init", "random", "init must be one of"),
     ],

@@ -47,6 +47,118 @@ def soft_cluster_reference(
     return attn @ centroids, centroids, iteration
 
 
+# ``settle`` runs on a summary of at most this many points.
+SETTLE_POINTS = 1 << 14
+
+
+def settle(
+    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, seed: int = 0
+) -> tuple[Tensor, int]:
+    """The codebook moved, without gradient, to a fixed point of the centroid iterations:
+    where one more iteration moves no centroid more than ``epsilon``.  # (k, d), iterations run
+
+    Runs on a summary of at most ``SETTLE_POINTS`` weighted points (in one
+    dimension the means of equal-width bins, weighted by their counts; in more, a
+    random sample drawn with ``seed``) and stops after ``max_iter`` iterations if
+    it has not got there. A codebook seeded by hard k-means is far from the
+    fixed point of the soft iterations, and plain iterations approach it slowly
+    (hundreds, near the temperatures DKM uses); settled, a training step starts
+    there and most stop after one iteration.
+
+    The iterations are EM for a mixture of k equal Gaussians of variance tau/2,
+    so they are accelerated as EM is, by SQUAREM (Varadhan and Roland, 2008): two
+    iterations give a direction and a step length to extrapolate along, and the
+    extrapolated point is kept only if its likelihood is no lower than after the
+    first of the two, so the ascent stays monotone and ends at a stable fixed point.
+    The step length is capped by a bound that grows fourfold while it is reached
+    and accepted, and shrinks fourfold on a rejection.
+    """
+    with torch.no_grad():
+        points, counts = _summary(vectors, SETTLE_POINTS, seed)
+        settled, iterations = _squarem(points, counts, codebook, tau, max_iter, epsilon)
+        if points.shape[0] < vectors.shape[0] and vectors.shape[1] > 1:
+            # a sample's fixed point is off the data's by the sample's noise, which with
+            # few vectors per cluster can exceed the seed's own distance: keep the likelier
+            ones = vectors.new_ones(vectors.shape[0])
+            if _em_step(vectors, ones, settled, tau)[1] < _em_step(vectors, ones, codebook, tau)[1]:
+                return codebook, iterations
+        return settled, iterations
+
+
+def _squarem(points: Tensor, counts: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float):
+    """``settle``'s accelerated iterations on weighted points: (centroids, iterations)."""
+    centroids, iterations, bound = codebook, 0, 1.0
+    while iterations < max_iter:
+        first, _ = _em_step(points, counts, centroids, tau)
+        iterations += 1
+        if not float((first - centroids).abs().max()) > epsilon or iterations == max_iter:
+            return first, iterations  # settled (NaN stops too: the caller checks)
+        second, likelihood = _em_step(points, counts, first, tau)
+        iterations += 1
+        if iterations == max_iter:
+            return second, iterations
+        r = first - centroids
+        v = second - first - r
+        alpha = min(max(float(r.norm() / v.norm().clamp_min(torch.finfo(v.dtype).tiny)), 1.0), bound)
+        third, reached = _em_step(points, counts, centroids + (2 * alpha) * r + (alpha * alpha) * v, tau)
+        iterations += 1
+        if reached >= likelihood:
+            centroids = third
+            bound = bound * 4 if alpha == bound else bound
+        else:
+            centroids, bound = second, max(1.0, bound / 4)
+    return centroids, iterations
+
+
+def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> tuple[Tensor, float]:
+    """One centroid iteration on weighted points, and the log-likelihood
+    ``sum_i counts_i logsumexp_j(-||p_i - c_j||^2 / tau)`` of the centroids it started from.
+
+    One-dimensional points must be sorted: chunks of them attend to the windows
+    of ``_window_plan`` (what they leave out is below the dtype's precision).
+    """
+    (p, d), k = points.shape, centroids.shape[0]
+    if d == 1 and k >= _WINDOW_CLUSTERS:
+        plan = _window_plan(points[:, 0], centroids, tau, CHUNK_ELEMENTS)
+    else:
+        plan = _dense_plan(p, k, max(1, CHUNK_ELEMENTS // d))
+    mass, weighted, likelihood = centroids.new_zeros(k), torch.zeros_like(centroids), 0.0
+    for start, stop, cols, _ in plan:
+        chunk, count, near = points[start:stop], counts[start:stop], _pick(centroids, cols)
+        logits = (chunk[:, None, :] - near[None, :, :]).pow(2).sum(-1).div_(-tau)  # (r, m)
+        norm = torch.logsumexp(logits, 1)
+        attn = logits.sub_(norm[:, None]).exp_().mul_(count[:, None])
+        likelihood += float(norm.double() @ count.double())
+        if cols is None:
+            mass += attn.sum(0)
+            weighted += attn.T @ chunk
+        else:
+            mass.index_add_(0, cols, attn.sum(0))
+            weighted.index_add_(0, cols, attn.T @ chunk)
+    moved = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None]
+    return torch.where(mass[:, None] > 0, moved, centroids), likelihood
+
+
+def _summary(vectors: Tensor, points: int, seed: int) -> tuple[Tensor, Tensor]:
+    """At most ``points`` points that stand for ``vectors``, and their weights; sorted
+    in one dimension.  # (p, d), (p,)"""
+    n, d = vectors.shape
+    if n <= points:
+        return (vectors.sort(0).values if d == 1 else vectors), vectors.new_ones(n)
+    if d > 1:
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points]
+        return vectors.index_select(0, chosen.to(vectors.device)), vectors.new_ones(points)
+    values = vectors[:, 0].double()
+    low, high = torch.aminmax(values)
+    if not high > low:
+        return vectors[:1], vectors.new_full((1,), float(n))
+    bins = ((values - low) * (points / (high - low))).long().clamp_(0, points - 1)
+    counts = values.new_zeros(points).index_add_(0, bins, torch.ones_like(values))
+    sums = values.new_zeros(points).index_add_(0, bins, values)
+    full = counts > 0
+    return (sums[full] / counts[full]).to(vectors.dtype)[:, None], counts[full].to(vectors.dtype)
+
+
 def soft_cluster(
     vectors: Tensor,
     codebook: Tensor,

@@ -56,6 +56,12 @@ class DKMParametrization(nn.Module):
             books = torch.stack([self._pin(b[self._pinned:]) for b in books])
         taus = torch.stack([self._temperature(v, book[self._pinned:]) for v, book in zip(live, books)])
         spread = torch.stack([v.std(unbiased=False) if len(v) > 1 else v.new_zeros(()) for v in live])
+        if spec.settle_iter:
+            books = torch.stack([
+                self._pin(dkm.settle(v, book[self._pinned:], float(tau), spec.settle_iter,
+                                     spec.epsilon * float(std) / 4, spec.seed)[0]) if len(v) else book
+                for v, book, tau, std in zip(live, books, taus, spread)
+            ])
         self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", (spec.epsilon * spread).to(work.dtype))

@@ -29,6 +29,12 @@ class LayerSpec:
         initial centroid``. It does not depend on the weight's scale; 2.0
         matches the paper's ResNet18 temperatures at 1 to 3 bits.
     max_iter: cap on the centroid iterations per training step.
+    settle_iter: cap on the centroid iterations run once at registration,
+        without gradient, on a summary of the weight (``dkm.settle``), so that
+        the seeded codebook starts at the soft clustering's fixed point and
+        training steps stop after one or two iterations instead of spending
+        ``max_iter`` on catching up; they stop at ``epsilon / 4``. 0 keeps the
+        seeded codebook.
     epsilon: the iterations stop once no centroid moves more than
         ``epsilon * std(weight)``.
     init: how the codebook is seeded: ``kmeans++``, ``linear`` (evenly
@@ -54,6 +60,7 @@ class LayerSpec:
     tau: float | None = None
     tau_rel: float = 2.0
     max_iter: int = 5
+    settle_iter: int = 300
     epsilon: float = 1e-3
     init: str = "kmeans++"
     seed: int = 0
@@ -66,6 +73,7 @@ class LayerSpec:
         _check_int("bits", self.bits, 1, MAX_BITS)
         _check_int("dim", self.dim, 1, None)
         _check_int("max_iter", self.max_iter, 1, None)
+        _check_int("settle_iter", self.settle_iter, 0, None)
         _check_int("seed", self.seed, 0, None)
         if self.tau is not None and not (_is_real(self.tau) and math.isfinite(self.tau) and self.tau > 0):
             raise SpecError(f"tau must be a positive finite number or None, got {self.tau!r}")
