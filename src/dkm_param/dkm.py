@@ -220,9 +220,10 @@ def soft_cluster(
 CHUNK_ELEMENTS = 1 << 19
 # Two passes that need the same attention (the last iteration and the soft
 # output; the first two passes of backward) share it while it has at most this
-# many elements (16 MiB in float32); beyond, the second pass recomputes it.
-# Sharing saves 1 to 25% of the time, and would double the memory of a large layer.
-CACHE_ELEMENTS = 1 << 22
+# many elements (128 MiB in float32); beyond, the second pass recomputes it.
+# Sharing saves a fifth of a warm-started step, for about 4 bytes per weight
+# and attended centroid held within the pass.
+CACHE_ELEMENTS = 1 << 25
 # Rows grouped by value are first cut into about this many blocks (of at least
 # _MIN_BLOCK rows, as planning costs Python time per block), then merged into chunks.
 _PLAN_BLOCKS = 512
@@ -250,6 +251,8 @@ class _Run(NamedTuple):
     to (None: all), ``far`` whether a row may be so far from every centroid
     that its attention must be shifted by its nearest distance not to underflow.
     order: the processing order of the vectors (None: as given).
+    rows: in one dimension with an order, the values in that order (1, n),
+    which backward reads again rather than gathering them a second time.
     """
 
     soft: Tensor | None
@@ -257,6 +260,7 @@ class _Run(NamedTuple):
     masses: list
     plans: list
     order: Tensor | None
+    rows: Tensor | None = None
 
 
 def _cutoff(dtype: torch.dtype, n: int) -> tuple[float, float]:
@@ -445,30 +449,36 @@ def _cluster(
     light = None  # clusters attending to every row, kept from one iteration to the next
     blocks = None if order is None else _blocks(rows[0], k, budget)
     centroids = codebook
-    for _ in range(max_iter):
+    kept, shift = None, None
+    for iteration in range(1, max_iter + 1):
+        kept = None  # the previous iteration's attention, before this one's is built
+        # keep this iteration's attention for the soft output if it may well be the last:
+        # the first (a warm start often stops there), the last allowed, or near convergence
+        likely_last = iteration in (1, max_iter) or shift <= 2 * epsilon
         local = centroids if centre is None else centroids - centre
         if order is None:
             plan = base = _dense_plan(n, k, budget)
         else:
             base = _window_plan(rows[0], centroids, tau, budget, blocks)
             plan = base if light is None else _with_clusters(base, light)
-        mass, weighted, kept = _centroid_stats(rows, local, tau, plan, _plan_size(plan, k) <= CACHE_ELEMENTS)
+        keep = lambda plan: likely_last and _plan_size(plan, k) <= CACHE_ELEMENTS  # noqa: E731
+        mass, weighted, kept = _centroid_stats(rows, local, tau, plan, keep(plan))
         if order is not None:
             now_light = (mass < _LIGHT_MASS).nonzero()[:, 0]
             if now_light.numel() and (light is None or not torch.isin(now_light, light).all()):
                 light = now_light if light is None else torch.unique(torch.cat([light, now_light]))
                 plan, kept = _with_clusters(base, light), None
-                mass, weighted, kept = _centroid_stats(rows, local, tau, plan, _plan_size(plan, k) <= CACHE_ELEMENTS)
+                mass, weighted, kept = _centroid_stats(rows, local, tau, plan, keep(plan))
         moved = weighted / mass.clamp_min(tiny)[:, None]
         if centre is not None:
             moved = moved + centre
         updated = torch.where(mass[:, None] > 0, moved, centroids)
-        shift = (updated - centroids).abs().max()
+        shift = (updated - centroids).abs().max().item()
         codebooks.append(updated)
         masses.append(mass)
         plans.append(plan)
         attend, centroids = local, updated
-        if shift.item() <= epsilon:
+        if shift <= epsilon:
             break
     final = centroids if centre is None else centroids - centre
     soft = rows.new_empty(d, n)  # A_T C_T, A_T from the codebook before the last update
@@ -480,11 +490,13 @@ def _cluster(
         soft[:, start:stop] = (_pick(final, cols).T @ attn) * inv
     if centre is not None:
         soft += centre[:, None]
-    return _Run(_unrows(soft, order), codebooks, masses, plans, order)
+    return _Run(_unrows(soft, order), codebooks, masses, plans, order, rows if order is not None else None)
 
 
-def _cluster_backward(vectors: Tensor, grad_soft: Tensor, run: _Run, tau: float) -> Tensor:
+def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau: float) -> Tensor:
     """Gradient with respect to the vectors of ``sum(grad_soft * soft)``.  # (n, d)
+
+    vectors: None when ``run.rows`` holds them.
 
     Walks the iterations in reverse. For the output ``Y = A_T C_T``:
     ``gA = gY C_T^T`` and ``gC_T = A_T^T gY``. For an update ``C' = A^T W / s``:
@@ -495,9 +507,13 @@ def _cluster_backward(vectors: Tensor, grad_soft: Tensor, run: _Run, tau: float)
     softmax removes anyway), so they cannot leave rounding behind.
     """
     codebooks, masses, plans, order = run.codebooks, run.masses, run.plans, run.order
-    (n, d), k = vectors.shape, codebooks[0].shape[0]
-    centre = vectors.detach().mean(0) if d > 1 else None
-    rows = _rows(vectors, order, centre)
+    k = codebooks[0].shape[0]
+    if run.rows is not None:  # one dimension, the values already in order
+        rows, (n, d), centre = run.rows, (run.rows.shape[1], 1), None
+    else:
+        (n, d) = vectors.shape
+        centre = vectors.detach().mean(0) if d > 1 else None
+        rows = _rows(vectors, order, centre)
     if centre is None:
         grads = _rows(grad_soft, order, None)  # (1, n)
     else:
@@ -628,14 +644,17 @@ def _chunk_grad_nd(rows, grads, table, tau, far, cached, last, with_bias, need_p
 
 
 class _SoftCluster(torch.autograd.Function):
-    """``soft_cluster`` whose backward recomputes the attention: saves the vectors,
-    their order and the (k, d) codebooks and masses, nothing of size n k."""
+    """``soft_cluster`` whose backward recomputes the attention: saves the vectors
+    (in one dimension, their values in order) and that order, and the (k, d)
+    codebooks and masses, nothing of size n k."""
 
     @staticmethod
     def forward(ctx, vectors, codebook, tau, max_iter, epsilon, window, budget):
         run = _cluster(vectors, codebook, tau, max_iter, epsilon, window, budget)
         order = run.order if run.order is not None else vectors.new_empty(0, dtype=torch.long)
-        ctx.save_for_backward(vectors, order, torch.stack(run.codebooks), torch.stack(run.masses))
+        # the values in their order stand in for the vectors: both are n floats
+        values = run.rows if run.rows is not None else vectors
+        ctx.save_for_backward(values, order, torch.stack(run.codebooks), torch.stack(run.masses))
         ctx.plans, ctx.tau, ctx.sorted = run.plans, tau, run.order is not None
         final = run.codebooks[-1]
         ctx.mark_non_differentiable(final)
@@ -643,6 +662,9 @@ class _SoftCluster(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
-        vectors, order, codebooks, masses = ctx.saved_tensors
-        run = _Run(None, list(codebooks), list(masses), ctx.plans, order if ctx.sorted else None)
+        values, order, codebooks, masses = ctx.saved_tensors
+        if ctx.sorted:
+            vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, values)
+        else:
+            vectors, run = values, _Run(None, list(codebooks), list(masses), ctx.plans, None)
         return _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau), None, None, None, None, None, None
