@@ -209,10 +209,11 @@ def soft_cluster(
 # it), and every sum is written around the exact differences w - c: with k up
 # to 256 centroids on one axis, tau is tiny next to w^2, and expanded forms
 # such as |w|^2 - 2 w c + |c|^2 would lose most of float32's digits.
-# More dimensions: distances are still summed coordinate by coordinate, while
-# the rows are centred on their mean and backward's sums are small matmuls:
-# there tau grows like k^(-2/d) of the spread, so their cancellation costs
-# about k^(1/d) ulps, no more than the reference's own rounding.
+# More dimensions: the rows are centred on their mean, and the distances and
+# backward's sums are small matmuls (-||w - c||^2 = 2 w.c - ||c||^2 - ||w||^2,
+# the last term a per-row constant that the softmax removes): there tau grows
+# like k^(-2/d) of the spread, so their cancellation costs about k^(2/d) ulps
+# of the exponent, of the order of the reference's own rounding (measured at d = 2, k = 256).
 # ---------------------------------------------------------------------------
 
 # Elements of one chunk's attention block: small enough to stay in cache, large
@@ -392,8 +393,8 @@ def _attention(chunk: Tensor, centroids: Tensor, tau: float, far: bool) -> tuple
     chunk: rows from ``_rows``; centroids: (m, d), centred like the rows.
     Rows are shifted by their nearest distance, as softmax does, when ``far``
     (always in more dimensions); otherwise the nearest centroid's term cannot
-    underflow and the shift would cost a pass. The shift subtracts before it
-    scales, so that the nearest term is exactly exp(0). exp2 is twice as fast
+    underflow and the shift would cost a pass. The shift makes the nearest term
+    exactly exp(0) (in one dimension it subtracts before it scales). exp2 is twice as fast
     as exp on CPU, so log2(e) is folded into the scale.
     """
     scale = _LOG2_E / tau
@@ -406,14 +407,12 @@ def _attention(chunk: Tensor, centroids: Tensor, tau: float, far: bool) -> tuple
         else:
             attn = torch.addcmul(diff.new_zeros(()), diff, diff, value=-scale)
     else:
-        # coordinate by coordinate: the expansion |w|^2 - 2 w.c + |c|^2 loses digits to
-        # cancellation that exp then turns into relative error
-        dist = torch.sub(chunk[0][None], centroids[:, :1]).square_()  # (m, r)
-        buffer = torch.empty_like(dist)
-        for j in range(1, centroids.shape[1]):
-            diff = torch.sub(chunk[j][None], centroids[:, j : j + 1], out=buffer)
-            dist.addcmul_(diff, diff)
-        attn = torch.sub(dist.amin(0, keepdim=True), dist, out=dist).mul_(scale)
+        # -||w - c||^2 less its per-row term ||w||^2, which the shift removes: one matmul
+        # of [2 c, -||c||^2] with the centred rows and their row of ones
+        d = centroids.shape[1]
+        bias = centroids.pow(2).sum(1, keepdim=True).mul_(-scale)
+        logits = torch.addmm(bias, centroids, chunk[:d], alpha=2.0 * scale)  # (m, r)
+        attn = torch.sub(logits, logits.amax(0, keepdim=True), out=logits)
     attn = attn.exp2_()
     return attn, attn.sum(0).reciprocal_(), diff
 
@@ -421,19 +420,22 @@ def _attention(chunk: Tensor, centroids: Tensor, tau: float, far: bool) -> tuple
 def _centroid_stats(rows: Tensor, centroids: Tensor, tau: float, plan: list, keep: bool):
     """``(sum_i A_ij (k,), sum_i A_ij w_i (k, d), [(attn, inv) per chunk] if keep)``."""
     k, d = centroids.shape
-    stats = rows.new_zeros(d + 1, k)  # the mass, then the weighted sum of each coordinate
+    stats = rows.new_zeros(k, d + 1)  # the weighted sum of each coordinate, then the mass
     kept = [] if keep else None
     for start, stop, cols, far in plan:
         chunk = rows[:, start:stop]
         attn, inv, _ = _attention(chunk, _pick(centroids, cols), tau, far)
-        part = torch.stack([attn @ inv] + [attn @ (chunk[j] * inv) for j in range(d)])  # (d + 1, m)
+        if d == 1:
+            part = torch.stack([attn @ (chunk[0] * inv), attn @ inv], 1)  # (m, 2)
+        else:  # more rows than clusters: one matmul with the centred coordinates and the ones
+            part = attn @ (chunk[: d + 1] * inv).T  # (m, d + 1)
         if cols is None:
             stats += part
         else:
-            stats.index_add_(1, cols, part)
+            stats.index_add_(0, cols, part)
         if keep:
             kept.append((attn, inv))
-    return stats[0], stats[1:].T, kept
+    return stats[:, d], stats[:, :d], kept
 
 
 def _cluster(
@@ -638,9 +640,8 @@ def _chunk_grad_nd(rows, grads, table, tau, far, cached, last, with_bias, need_p
     grad_w = inv * (g.T @ attn + scale * (moments[:d] - rows[:d] * moments[d]))
     if not need_prev:
         return grad_w, None
-    weighted = prod @ inv  # (m,)
-    part = torch.stack([prod @ (rows[j] * inv) for j in range(d)], 1) - centroids * weighted[:, None]
-    return grad_w, part.mul_(scale)
+    sums = prod @ (rows[: d + 1] * inv).T  # (m, d + 1): sum_i prod_ij w_i / s_i, then sum_i prod_ij / s_i
+    return grad_w, sums[:, :d].addcmul_(centroids, sums[:, d:], value=-1.0).mul_(scale)
 
 
 class _SoftCluster(torch.autograd.Function):
