@@ -199,6 +199,38 @@ def test_windows_attend_to_few_centroids_and_match_reference():
     assert_same_step(got, ref)
 
 
+@given(problem=problems(), seed=seeds)
+def test_any_kept_order_changes_nothing_but_speed(problem, seed):
+    # an order kept from other weights (here: any permutation) still gives the same step
+    vectors = problem[0]
+    cache = dkm.OrderCache()
+    cache.update(torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed)), 1 << 40, fresh=True)
+    assert cache.take(len(vectors), vectors.device) is not None
+    kept = run(dkm.soft_cluster, *problem, order_cache=cache)
+    assert_same_step(kept, run(dkm.soft_cluster, *problem))
+
+
+def test_order_cache_is_reused_then_sorted_anew_when_it_costs_too_much():
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.randn(50_000, 1, generator=gen) * 0.05
+    codebook, tau, epsilon = realistic_start(vectors, 16)
+    cache = dkm.OrderCache()
+    dkm.soft_cluster(vectors, codebook, tau, 2, epsilon, order_cache=cache)
+    fresh = cache.order
+    assert cache.order.dtype == torch.int32 and not cache.stale
+    assert torch.equal(fresh.long(), dkm._value_order(vectors[:, 0]))
+    moved = vectors + 1e-4 * torch.randn(vectors.shape, generator=gen)  # a training step's worth
+    dkm.soft_cluster(moved, codebook, tau, 2, epsilon, order_cache=cache)
+    assert cache.order is fresh and not cache.stale  # reused, still good
+    shuffled = vectors[torch.randperm(len(vectors), generator=gen)]  # the old order groups nothing
+    dkm.soft_cluster(shuffled, codebook, tau, 2, epsilon, order_cache=cache)
+    assert cache.stale
+    dkm.soft_cluster(shuffled, codebook, tau, 2, epsilon, order_cache=cache)
+    assert not cache.stale and torch.equal(cache.order.long(), dkm._value_order(shuffled[:, 0]))
+    # an order for another length or device is never used
+    assert cache.take(49_999, vectors.device) is None
+
+
 def test_light_cluster_attends_to_every_vector():
     # a centroid far out in the tail: no window reaches it, yet its tiny mass moves it in
     # the reference, so it must attend to every vector, exactly

@@ -168,6 +168,7 @@ def soft_cluster(
     *,
     window: bool = True,
     chunk_elements: int | None = None,
+    order_cache: OrderCache | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """DKM soft clustering for training: ``soft_cluster_reference``'s results with
     memory O(n d + iterations k d) instead of O(iterations n k).
@@ -180,17 +181,53 @@ def soft_cluster(
         can exceed ``eps / n`` of a row's largest (eps of the dtype); False
         attends to every centroid.
     chunk_elements: elements of one chunk's attention block (default ``CHUNK_ELEMENTS``).
+    order_cache: an ``OrderCache`` kept for this weight from one call to the
+        next, so that windows reuse the last call's grouping instead of sorting anew.
     Raises ValueError if ``max_iter < 1``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     budget = max(1, int(chunk_elements or CHUNK_ELEMENTS))
-    args = (float(tau), int(max_iter), float(epsilon), window, budget)
+    args = (float(tau), int(max_iter), float(epsilon), window, budget, order_cache)
     if torch.is_grad_enabled() and vectors.requires_grad:
         return _SoftCluster.apply(vectors, codebook, *args)
     with torch.no_grad():
         run = _cluster(vectors, codebook, *args)
     return run.soft, run.codebooks[-1], len(run.masses)
+
+
+class OrderCache:
+    """The order in which ``soft_cluster`` grouped one weight's values, kept for its next call.
+
+    Windows need the values grouped by value, and sorting them costs about as
+    much as a pass of the attention. A weight moves little from one training
+    step to the next, so the last order still groups it well; windows are
+    computed from the values as they are, so an old order changes the speed,
+    never the result. The values are sorted anew when the attention an old
+    order leads to has grown by more than ``slack`` over what it was when sorted.
+    The order is kept as int32 (4 bytes a weight) where the weight allows.
+    """
+
+    def __init__(self, slack: float = 0.05):
+        self.slack = slack
+        self.order: Tensor | None = None
+        self.size = 0  # attention elements of the first iteration when the order was fresh
+        self.stale = True
+
+    def take(self, n: int, device: torch.device) -> Tensor | None:
+        """The kept order, as int64, if it fits ``n`` values on ``device`` and is not stale."""
+        order = self.order
+        if self.stale or order is None or order.numel() != n or order.device != device:
+            return None
+        return order.long()
+
+    def update(self, order: Tensor, size: int, fresh: bool) -> None:
+        """Keeps a fresh ``order`` and its attention ``size``; marks an old one stale once it costs too much."""
+        if fresh:
+            self.order = order.int() if order.numel() < 2**31 else order
+            self.size, self.stale = size, False
+        elif size > (1.0 + self.slack) * self.size:
+            self.stale = True
 
 
 # ---------------------------------------------------------------------------
@@ -439,11 +476,16 @@ def _centroid_stats(rows: Tensor, centroids: Tensor, tau: float, plan: list, kee
 
 
 def _cluster(
-    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, window: bool, budget: int
+    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, window: bool, budget: int,
+    cache: OrderCache | None = None,
 ) -> _Run:
     """The forward iterations, as ``soft_cluster_reference`` runs them."""
     (n, d), k = vectors.shape, codebook.shape[0]
-    order = _value_order(vectors[:, 0]) if window and d == 1 and k >= _WINDOW_CLUSTERS else None
+    order, fresh = None, False
+    if window and d == 1 and k >= _WINDOW_CLUSTERS:
+        order = cache.take(n, vectors.device) if cache is not None else None
+        if order is None:
+            order, fresh = _value_order(vectors[:, 0]), True
     centre = vectors.detach().mean(0) if d > 1 else None
     rows = _rows(vectors, order, centre)
     tiny = torch.finfo(vectors.dtype).tiny
@@ -463,6 +505,8 @@ def _cluster(
         else:
             base = _window_plan(rows[0], centroids, tau, budget, blocks)
             plan = base if light is None else _with_clusters(base, light)
+            if iteration == 1 and cache is not None:
+                cache.update(order, _plan_size(base, k), fresh)
         keep = lambda plan: likely_last and _plan_size(plan, k) <= CACHE_ELEMENTS  # noqa: E731
         mass, weighted, kept = _centroid_stats(rows, local, tau, plan, keep(plan))
         if order is not None:
@@ -540,7 +584,7 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
 
     grad_rows = rows.new_zeros(d, n)
     scale = 2.0 / tau
-    reach = 2.0 * (float(rows[:d].abs().amax()) + max(float(c.abs().amax()) for c in local)) if n else 0.0
+    reach = 2.0 * (_largest(rows[:d]) + _largest(torch.stack(local))) if n else 0.0
     for t in range(iterations, 0, -1):
         mass = masses[t - 1]
         # A cluster with almost no mass moves by A^T W / s with A of the order of s:
@@ -571,6 +615,12 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
                 else:
                     grad_c.index_add_(0, cols, part)
     return _unrows(grad_rows, order)
+
+
+def _largest(values: Tensor) -> float:
+    """The largest magnitude, from one min-max pass (no tensor of magnitudes)."""
+    low, high = torch.aminmax(values)
+    return max(-float(low), float(high))
 
 
 def _safe_to_divide(grad_c: Tensor, mass: Tensor, growth: float) -> Tensor:
@@ -650,8 +700,8 @@ class _SoftCluster(torch.autograd.Function):
     codebooks and masses, nothing of size n k."""
 
     @staticmethod
-    def forward(ctx, vectors, codebook, tau, max_iter, epsilon, window, budget):
-        run = _cluster(vectors, codebook, tau, max_iter, epsilon, window, budget)
+    def forward(ctx, vectors, codebook, tau, max_iter, epsilon, window, budget, cache):
+        run = _cluster(vectors, codebook, tau, max_iter, epsilon, window, budget, cache)
         order = run.order if run.order is not None else vectors.new_empty(0, dtype=torch.long)
         # the values in their order stand in for the vectors: both are n floats
         values = run.rows if run.rows is not None else vectors
@@ -668,4 +718,4 @@ class _SoftCluster(torch.autograd.Function):
             vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, values)
         else:
             vectors, run = values, _Run(None, list(codebooks), list(masses), ctx.plans, None)
-        return _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau), None, None, None, None, None, None
+        return _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau), None, None, None, None, None, None, None

@@ -25,6 +25,10 @@ class DKMParametrization(nn.Module):
     temperature and the absolute convergence threshold; ``scale`` (rows,)
     with ``spec.channel_scale``.
 
+    Each group also keeps the order in which its values were last grouped
+    (``dkm.OrderCache``, 4 bytes a weight, not in ``state_dict``), so that a
+    training step does not sort them anew.
+
     One training-mode result is reused while neither the weight nor the
     codebook changed and its backward has not run, so a weight read several
     times in one step (tied weights, repeated calls) is clustered once and
@@ -66,6 +70,8 @@ class DKMParametrization(nn.Module):
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", (spec.epsilon * spread).to(work.dtype))
         self._cached: tuple[tuple, Tensor] | None = None
+        # each group's value order, reused from step to step (not state: a speed-up only)
+        self._orders = [dkm.OrderCache() for _ in range(len(groups))]
 
     @property
     def _pinned(self) -> int:
@@ -147,7 +153,7 @@ class DKMParametrization(nn.Module):
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         groups = self.grouped(weight)
-        if not torch.isfinite(groups.detach()).all():
+        if not _finite(groups.detach()):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         for g, (vectors, book) in enumerate(zip(groups, self.books())):
@@ -157,7 +163,8 @@ class DKMParametrization(nn.Module):
                 books.append(book)
                 continue
             soft, updated, _ = dkm.soft_cluster(
-                live, book[self._pinned:].clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
+                live, book[self._pinned:].clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g]),
+                order_cache=self._orders[g],
             )
             if self.zeros is not None:  # zero vectors stay exactly zero
                 soft = torch.zeros_like(vectors).index_put((torch.nonzero(~self.zeros[g])[:, 0],), soft)
@@ -206,3 +213,11 @@ def _spacing(codebook: Tensor) -> Tensor:
         return codebook.new_zeros(())
     gaps = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf")).min(1).values
     return gaps[torch.isfinite(gaps) & (gaps > 0)].mean().nan_to_num(0.0) / 12
+
+
+def _finite(values: Tensor) -> bool:
+    """Whether every value is finite, from one min-max pass (NaN and Inf reach the extremes)."""
+    if not values.numel():
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
