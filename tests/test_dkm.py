@@ -199,6 +199,47 @@ def test_windows_attend_to_few_centroids_and_match_reference():
     assert_same_step(got, ref)
 
 
+@pytest.mark.parametrize("dtype, output, gradient", [(torch.float64, TIGHT, TIGHT), (torch.float32, OUTPUT_32, GRADIENT_32)])
+@pytest.mark.parametrize("b, settled", [(4, False), (4, True), (6, False)])
+def test_narrow_chunks_written_around_their_middle_match_reference(dtype, output, gradient, b, settled):
+    # narrow chunks (most of a layer's) take the matmul form around their middle value,
+    # wide ones (the tails) the exact differences: both within the tolerances
+    gen = torch.Generator().manual_seed(7)
+    vectors = (torch.randn(40_000, 1, generator=gen) * 0.05).to(dtype)
+    codebook, tau, epsilon = realistic_start(vectors, 1 << b)
+    if settled:
+        codebook, _ = dkm.settle(vectors, codebook, tau, 300, epsilon / 4)
+    budget = 1 << 14
+    plan = dkm._window_plan(vectors[dkm._value_order(vectors[:, 0]), 0], codebook, tau, budget)
+    narrow = [chunk for chunk in plan if chunk.centre is not None]
+    assert 0 < len(narrow) < len(plan)
+    assert all(abs(chunk.centre) < float(vectors.abs().max()) for chunk in narrow)
+    ref = run(dkm.soft_cluster_reference, vectors, codebook, tau, 4, epsilon)
+    got = run(dkm.soft_cluster, vectors, codebook, tau, 4, epsilon, chunk_elements=budget)
+    assert got[2] == ref[2]
+    assert_near(got[0], ref[0], output)
+    assert_near(got[1], ref[1], output)
+    assert_near(got[3], ref[3], gradient)
+
+
+def test_scratch_blocks_are_reused_and_change_nothing():
+    # temporaries come from buffers kept from call to call: a call between two identical
+    # ones (another shape, another dtype) leaves their results bitwise equal
+    gen = torch.Generator().manual_seed(8)
+    first = torch.randn(30_000, 1, generator=gen) * 0.05
+    other = torch.randn(5_000, 2, generator=gen, dtype=torch.float64)
+    problem = (first, *realistic_start(first, 16)[:2], 3, 0.0)
+    before = run(dkm.soft_cluster, *problem)
+    pool = dict(dkm._LOCAL.pool)
+    run(dkm.soft_cluster, other, *realistic_start(other, 8)[:2], 3, 0.0)
+    run(dkm.soft_cluster, first[:777], *realistic_start(first[:777], 4)[:2], 3, 0.0)
+    after = run(dkm.soft_cluster, *problem)
+    assert before[2] == after[2] and all(torch.equal(a, b) for a, b in zip(before[:2] + before[3:], after[:2] + after[3:]))
+    kept = [key for key in pool if key[2] == torch.float32]
+    assert kept and all(dkm._LOCAL.pool[key] is pool[key] for key in kept)  # not allocated again
+    assert all(buffer.numel() <= dkm.CHUNK_ELEMENTS for buffer in dkm._LOCAL.pool.values())
+
+
 @given(problem=problems(), seed=seeds)
 def test_any_kept_order_changes_nothing_but_speed(problem, seed):
     # an order kept from other weights (here: any permutation) still gives the same step

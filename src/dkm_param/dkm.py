@@ -7,6 +7,7 @@ nothing here knows about modules or policies.
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -123,7 +124,7 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
     else:
         plan = _dense_plan(p, k, max(1, CHUNK_ELEMENTS // d))
     mass, weighted, likelihood = centroids.new_zeros(k), torch.zeros_like(centroids), 0.0
-    for start, stop, cols, _ in plan:
+    for start, stop, cols, *_ in plan:
         chunk, count, near = points[start:stop], counts[start:stop], _pick(centroids, cols)
         logits = (chunk[:, None, :] - near[None, :, :]).pow(2).sum(-1).div_(-tau)  # (r, m)
         norm = torch.logsumexp(logits, 1)
@@ -274,6 +275,10 @@ _WINDOW_CLUSTERS = 8
 _CHUNK_OVERHEAD = 1 << 14
 # Attention left out of a window is below eps / (n e^_MARGIN) of its row's largest.
 _MARGIN = 8.0
+# A 1-D chunk whose values span at most 2 sqrt(_NARROW tau) is written around its middle
+# o as matmuls of w - o: the terms of the expansion then exceed the distances that matter
+# by at most about 3 _NARROW / ln 2 times, so it costs a few dozen ulps of the exponent.
+_NARROW = 8.0
 # A cluster whose windowed mass is below this attends to every row, so that the
 # mass left out of windows (below eps e^-_MARGIN in all) stays negligible next to its own.
 _LIGHT_MASS = 1.0
@@ -299,6 +304,23 @@ class _Run(NamedTuple):
     plans: list
     order: Tensor | None
     rows: Tensor | None = None
+
+
+class _Chunk(NamedTuple):
+    """Rows [start, stop) of the processing order and how they attend.
+
+    cols: the clusters they attend to (None: all); far: whether a row may be so
+    far from every centroid that its attention must be shifted by its nearest
+    distance not to underflow; centre: in one dimension, the middle of the rows'
+    values when they span at most ``2 sqrt(_NARROW tau)`` (None: wider), around
+    which distances and gradients are written as matmuls of ``w - centre``.
+    """
+
+    start: int
+    stop: int
+    cols: Tensor | None
+    far: bool
+    centre: float | None = None
 
 
 def _cutoff(dtype: torch.dtype, n: int) -> tuple[float, float]:
@@ -348,7 +370,7 @@ def _unrows(rows: Tensor, order: Tensor | None) -> Tensor:
 def _dense_plan(n: int, k: int, budget: int) -> list:
     """Chunks of rows that attend to every cluster."""
     rows = max(1, budget // k)
-    return [(start, min(start + rows, n), None, True) for start in range(0, n, rows)]
+    return [_Chunk(start, min(start + rows, n), None, True) for start in range(0, n, rows)]
 
 
 def _blocks(values: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -388,18 +410,23 @@ def _window_plan(values: Tensor, codebook: Tensor, tau: float, budget: int, bloc
     first = torch.minimum(torch.searchsorted(centres, low - radius), torch.searchsorted(mids, low))
     last = torch.maximum(torch.searchsorted(centres, high + radius, right=True), torch.searchsorted(mids, high) + 1)
     table = torch.stack([starts, stops, first, last, (worst > safe * tau).long()]).T.tolist()
+    spans = torch.stack([low, high]).T.tolist()
     # merge neighbouring blocks while a wider window costs less than another chunk would
-    merged = [table[0]]
-    for start, stop, lo, hi, far in table[1:]:
-        m_start, m_stop, m_lo, m_hi, m_far = merged[-1]
+    merged = [table[0] + spans[0]]
+    for (start, stop, lo, hi, far), (below, above) in zip(table[1:], spans[1:]):
+        m_start, m_stop, m_lo, m_hi, m_far, m_below, m_above = merged[-1]
         lo_, hi_ = min(m_lo, lo), max(m_hi, hi)
         together = (stop - m_start) * (hi_ - lo_)
         apart = (m_stop - m_start) * (m_hi - m_lo) + (stop - start) * (hi - lo) + _CHUNK_OVERHEAD
         if together <= budget and together <= apart:
-            merged[-1] = [m_start, stop, lo_, hi_, m_far or far]
+            merged[-1] = [m_start, stop, lo_, hi_, m_far or far, min(m_below, below), max(m_above, above)]
         else:
-            merged.append([start, stop, lo, hi, far])
-    return [(start, stop, order[lo:hi], bool(far)) for start, stop, lo, hi, far in merged]
+            merged.append([start, stop, lo, hi, far, below, above])
+    narrow = 4.0 * _NARROW * tau  # the largest squared span of a narrow chunk
+    return [
+        _Chunk(start, stop, order[lo:hi], bool(far), (below + above) / 2 if (above - below) ** 2 <= narrow else None)
+        for start, stop, lo, hi, far, below, above in merged
+    ]
 
 
 def _with_clusters(plan: list, clusters: Tensor) -> list:
@@ -409,49 +436,86 @@ def _with_clusters(plan: list, clusters: Tensor) -> list:
     so the rows are shifted as softmax does, to reach as far before underflow.
     """
     return [
-        (start, stop, cols if cols is None else torch.unique(torch.cat([cols, clusters])), True)
-        for start, stop, cols, _ in plan
+        chunk._replace(cols=chunk.cols if chunk.cols is None else torch.unique(torch.cat([chunk.cols, clusters])),
+                       far=True)
+        for chunk in plan
     ]
 
 
 def _plan_size(plan: list, k: int) -> int:
     """Elements of the attention over a whole plan."""
-    return sum((stop - start) * (k if cols is None else cols.numel()) for start, stop, cols, _ in plan)
+    return sum((chunk.stop - chunk.start) * (k if chunk.cols is None else chunk.cols.numel()) for chunk in plan)
 
 
 def _pick(table: Tensor, cols: Tensor | None) -> Tensor:
     return table if cols is None else table.index_select(0, cols)
 
 
-def _attention(chunk: Tensor, centroids: Tensor, tau: float, far: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Unnormalised attention ``exp(-||w - c||^2 / tau)`` of a chunk, its inverse row
-    sums and, in one dimension, the differences ``w - c``.  # (m, r), (r,), (m, r)
+_LOCAL = threading.local()
 
-    chunk: rows from ``_rows``; centroids: (m, d), centred like the rows.
+
+def _block(slot: int, shape: tuple[int, int], like: Tensor) -> Tensor:
+    """An uninitialised ``shape`` block for a temporary of one chunk, taken from
+    buffers kept per thread, device and dtype from one call to the next.
+
+    A fresh block of a few MiB costs the kernel a page fault per 4 KiB on each
+    allocation whenever the allocator has handed the pages back, which in a
+    training step it often does; kept, they stay mapped and warm in cache. Each
+    slot is as large as the largest block it served, at most ``CHUNK_ELEMENTS``
+    (2 MiB in float32), and there are four.
+    """
+    numel = shape[0] * shape[1]
+    if numel > CHUNK_ELEMENTS:  # a chunk larger than the default's: not worth keeping
+        return like.new_empty(shape)
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is None:
+        pool = _LOCAL.pool = {}
+    key = (slot, like.device, like.dtype)
+    buffer = pool.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = pool[key] = like.new_empty(numel)
+    return buffer[:numel].view(shape)
+
+
+def _attention(
+    chunk: Tensor, centroids: Tensor, tau: float, far: bool, centre: float | None = None, scratch: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Unnormalised attention ``exp(-||w - c||^2 / tau)`` of a chunk, up to a
+    factor per row, and its inverse row sums.  # (m, r), (r,)
+
+    chunk: rows from ``_rows``; centroids: (m, d), centred like the rows;
+    centre: a narrow 1-D chunk's ``_Chunk.centre``; scratch: build the block in
+    ``_block`` 0 (for an attention used at once, not kept).
     Rows are shifted by their nearest distance, as softmax does, when ``far``
     (always in more dimensions); otherwise the nearest centroid's term cannot
-    underflow and the shift would cost a pass. The shift makes the nearest term
-    exactly exp(0) (in one dimension it subtracts before it scales). exp2 is twice as fast
-    as exp on CPU, so log2(e) is folded into the scale.
+    underflow and the shift would cost a pass. exp2 is twice as fast as exp on
+    CPU, so log2(e) is folded into the scale.
     """
     scale = _LOG2_E / tau
-    diff = None
-    if centroids.shape[1] == 1:
-        diff = torch.sub(chunk[0][None], centroids)  # (m, r)
+    (m, d), r = centroids.shape, chunk.shape[1]
+    out = _block(0, (m, r), chunk) if scratch else None
+    if d == 1 and centre is None:
+        # the exact differences: a wide chunk, where an expanded square would lose digits
+        diff = torch.sub(chunk[0][None], centroids, out=out)  # (m, r)
         if far:
-            dist = diff * diff
+            dist = diff.mul_(diff)
             attn = torch.sub(dist.amin(0, keepdim=True), dist, out=dist).mul_(scale)
         else:
-            attn = torch.addcmul(diff.new_zeros(()), diff, diff, value=-scale)
+            attn = torch.mul(diff, diff, out=diff).mul_(-scale)
     else:
-        # -||w - c||^2 less its per-row term ||w||^2, which the shift removes: one matmul
-        # of [2 c, -||c||^2] with the centred rows and their row of ones
-        d = centroids.shape[1]
+        # -||w - c||^2 less its per-row term ||w||^2, which softmax removes: one matmul of
+        # [2 c, -||c||^2] with the rows (in one dimension, w - centre: the chunk is
+        # narrow, so the expansion costs few digits; in more, the centred rows)
+        if d == 1:
+            rows, centroids = (chunk[0] - centre)[None], centroids - centre
+        else:
+            rows = chunk[:d]
         bias = centroids.pow(2).sum(1, keepdim=True).mul_(-scale)
-        logits = torch.addmm(bias, centroids, chunk[:d], alpha=2.0 * scale)  # (m, r)
-        attn = torch.sub(logits, logits.amax(0, keepdim=True), out=logits)
+        attn = torch.addmm(bias, centroids, rows, alpha=2.0 * scale, out=out)  # (m, r)
+        if far or d > 1:
+            attn = torch.sub(attn, attn.amax(0, keepdim=True), out=attn)
     attn = attn.exp2_()
-    return attn, attn.sum(0).reciprocal_(), diff
+    return attn, attn.sum(0).reciprocal_()
 
 
 def _centroid_stats(rows: Tensor, centroids: Tensor, tau: float, plan: list, keep: bool):
@@ -459,9 +523,9 @@ def _centroid_stats(rows: Tensor, centroids: Tensor, tau: float, plan: list, kee
     k, d = centroids.shape
     stats = rows.new_zeros(k, d + 1)  # the weighted sum of each coordinate, then the mass
     kept = [] if keep else None
-    for start, stop, cols, far in plan:
+    for start, stop, cols, far, centre in plan:
         chunk = rows[:, start:stop]
-        attn, inv, _ = _attention(chunk, _pick(centroids, cols), tau, far)
+        attn, inv = _attention(chunk, _pick(centroids, cols), tau, far, centre, scratch=not keep)
         if d == 1:
             part = torch.stack([attn @ (chunk[0] * inv), attn @ inv], 1)  # (m, 2)
         else:  # more rows than clusters: one matmul with the centred coordinates and the ones
@@ -528,12 +592,12 @@ def _cluster(
             break
     final = centroids if centre is None else centroids - centre
     soft = rows.new_empty(d, n)  # A_T C_T, A_T from the codebook before the last update
-    for index, (start, stop, cols, far) in enumerate(plan):
+    for index, (start, stop, cols, far, middle) in enumerate(plan):
         if kept is not None:
             (attn, inv), kept[index] = kept[index], None
         else:
-            attn, inv, _ = _attention(rows[:, start:stop], _pick(attend, cols), tau, far)
-        soft[:, start:stop] = (_pick(final, cols).T @ attn) * inv
+            attn, inv = _attention(rows[:, start:stop], _pick(attend, cols), tau, far, middle, scratch=True)
+        torch.mul(_pick(final, cols).T @ attn, inv, out=soft[:, start:stop])
     if centre is not None:
         soft += centre[:, None]
     return _Run(_unrows(soft, order), codebooks, masses, plans, order, rows if order is not None else None)
@@ -572,8 +636,8 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
 
     grad_c = torch.zeros_like(local[-1])  # gC_T = A_T^T gY
     kept = [] if _plan_size(plans[-1], k) <= CACHE_ELEMENTS else None
-    for start, stop, cols, far in plans[-1]:
-        attn, inv, _ = _attention(rows[:, start:stop], _pick(local[-2], cols), tau, far)
+    for start, stop, cols, far, middle in plans[-1]:
+        attn, inv = _attention(rows[:, start:stop], _pick(local[-2], cols), tau, far, middle, scratch=kept is None)
         part = torch.stack([attn @ (grads[j, start:stop] * inv) for j in range(d)], 1)  # (m, d)
         if cols is None:
             grad_c += part
@@ -600,12 +664,12 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
         with_bias = t < iterations or bool(((mass > 0) & (mass < tiny)).any())
         grad_c = torch.where(mass[:, None] > 0, torch.zeros_like(grad_c), grad_c) if t > 1 else None
         chunk_grad = _chunk_grad if centre is None else _chunk_grad_nd
-        for index, (start, stop, cols, far) in enumerate(plans[t - 1]):
+        for index, (start, stop, cols, far, middle) in enumerate(plans[t - 1]):
             cached = kept[index] if t == iterations and kept is not None else None
             if cached is not None:
                 kept[index] = None
             grad_w, part = chunk_grad(
-                rows[:, start:stop], grads[:, start:stop], _pick(table, cols), tau, far, cached,
+                rows[:, start:stop], grads[:, start:stop], _pick(table, cols), tau, far, middle, cached,
                 last=t == iterations, with_bias=with_bias, need_prev=grad_c is not None,
             )
             grad_rows[:, start:stop] += grad_w
@@ -650,39 +714,58 @@ def _gradient_table(attend: Tensor, grad_new: Tensor, anchor: Tensor, final: Ten
     return torch.cat([attend, ones, grad_new, bias] + ([final] if last else []), 1)
 
 
-def _chunk_grad(rows, grads, table, tau, far, cached, last, with_bias, need_prev):
+def _chunk_grad(rows, grads, table, tau, far, centre, cached, last, with_bias, need_prev):
     """One chunk's share of one backward iteration, one dimension.
 
     Returns ``(gW of the chunk's rows (1, r), gC of the attended clusters (m, 1) or None)``.
     """
-    centroids, g, bias = table[:, :1], table[:, 1:2], table[:, 2:3]
-    diff = torch.sub(rows[0][None], centroids)  # (m, r)
-    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far)[:2]
-    # (an out-of-place addcmul with a broadcast first operand is several times slower)
+    (m, r), scale = (table.shape[0], rows.shape[1]), 2.0 / tau
+    centroids, g = table[:, :1], table[:, 1:2]
+    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far, centre, scratch=True)
+    if centre is None:  # a wide chunk: every term around the exact differences w - c
+        diff = torch.sub(rows[0][None], centroids, out=_block(1, (m, r), rows))  # (m, r)
+        if last:
+            gap = torch.sub(diff, table[:, 3:4], out=_block(2, (m, r), rows))  # w - C_T
+            grad_a = torch.mul(gap, g, out=_block(3, (m, r), rows)).addcmul_(gap, grads[:1], value=-1.0)
+        else:
+            grad_a = torch.mul(diff, g, out=_block(3, (m, r), rows))
+        if with_bias:
+            grad_a.add_(table[:, 2:3])
+        prod = grad_a.mul_(attn)  # (m, r)
+        prod.addcmul_(attn, (prod.sum(0) * inv)[None], value=-1.0)  # A (gA - rowsum(A gA)) / inv
+        moment = diff.mul_(prod)  # the exact differences, not 2 gD C: see the engine's notes
+        grad_w = inv * (g[:, 0] @ attn - scale * moment.sum(0))
+        return grad_w[None], (scale * (moment @ inv))[:, None] if need_prev else None
+    # a narrow chunk: with x = w - centre and c' = c - centre, gA less its per-row terms is
+    # x g + b (and, in the last iteration, + gY (C_T - centre)), one matmul
+    x, shifted = rows[0] - centre, centroids - centre  # (r,), (m, 1)
     if last:
-        gap = diff - table[:, 3:4]  # w - C_T
-        grad_a = torch.mul(gap, g).addcmul_(gap, grads[:1], value=-1.0)
+        final = table[:, 3:4] + shifted  # C_T - centre
+        coef, lhs, bias = torch.cat([g, final], 1), torch.stack([x, grads[0]]), -final * g
     else:
-        grad_a = torch.mul(diff, g)
+        coef, lhs, bias = g, x[None], -shifted * g
     if with_bias:
-        grad_a.add_(bias)
-    prod = grad_a.mul_(attn)  # (m, r)
+        bias = bias + table[:, 2:3]
+    prod = torch.addmm(bias, coef, lhs, out=_block(1, (m, r), rows)).mul_(attn)  # gA A  (m, r)
     prod.addcmul_(attn, (prod.sum(0) * inv)[None], value=-1.0)  # A (gA - rowsum(A gA)) / inv
-    scale = 2.0 / tau
-    moment = diff.mul_(prod)  # the exact differences, not 2 gD C: see the engine's notes
-    grad_w = inv * (g[:, 0] @ attn - scale * moment.sum(0))
-    return grad_w[None], (scale * (moment @ inv))[:, None] if need_prev else None
+    # sum_j prod_ij (c_j - w_i), both parts kept: the rows of prod sum to zero only up to rounding
+    moments = torch.cat([shifted, torch.ones_like(shifted)], 1).T @ prod  # (2, r)
+    grad_w = inv * (g[:, 0] @ attn + scale * (moments[0] - x * moments[1]))
+    if not need_prev:
+        return grad_w[None], None
+    sums = torch.stack([prod @ (x * inv), prod @ inv], 1)  # (m, 2): sum_i prod_ij x_i / s_i, sum_i prod_ij / s_i
+    return grad_w[None], sums[:, :1].addcmul_(shifted, sums[:, 1:], value=-1.0).mul_(scale)
 
 
-def _chunk_grad_nd(rows, grads, table, tau, far, cached, last, with_bias, need_prev):
+def _chunk_grad_nd(rows, grads, table, tau, far, centre, cached, last, with_bias, need_prev):
     """One chunk's share of one backward iteration, more dimensions (centred rows).
 
     Returns ``(gW of the chunk's rows (d, r), gC of the attended clusters (m, d) or None)``.
     """
-    d = grads.shape[0]
+    (m, r), d = (table.shape[0], rows.shape[1]), grads.shape[0]
     centroids, g, coef = table[:, :d], table[:, d + 1 : 2 * d + 1], table[:, d + 1 :]
-    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far)[:2]
-    prod = (coef @ rows[: coef.shape[1]]).mul_(attn)  # gA A  (m, r)
+    attn, inv = cached if cached is not None else _attention(rows, centroids, tau, far, scratch=True)
+    prod = torch.mm(coef, rows[: coef.shape[1]], out=_block(1, (m, r), rows)).mul_(attn)  # gA A  (m, r)
     prod.addcmul_(attn, (prod.sum(0) * inv)[None], value=-1.0)  # A (gA - rowsum(A gA)) / inv
     scale = 2.0 / tau
     # sum_j prod_ij (c_j - w_i), both parts kept: the rows of prod sum to zero only up to rounding
