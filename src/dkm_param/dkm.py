@@ -241,12 +241,18 @@ class OrderCache:
 # codebook and (k,) masses only; backward recomputes the attention chunk by
 # chunk and applies the analytic gradient.
 #
+# Temporaries of a chunk come from a few blocks kept from call to call
+# (``_block``), never from fresh multi-MiB allocations.
+#
 # One dimension: the rows are grouped by value once, so a chunk spans a narrow
 # range of values and attends only to the window of sorted centroids that can hold
 # attention above the dtype's precision (the others get exactly zero from
-# it), and every sum is written around the exact differences w - c: with k up
-# to 256 centroids on one axis, tau is tiny next to w^2, and expanded forms
-# such as |w|^2 - 2 w c + |c|^2 would lose most of float32's digits.
+# it). With k up to 256 centroids on one axis, tau is tiny next to w^2, and
+# expanded forms such as |w|^2 - 2 w c + |c|^2 would lose most of float32's
+# digits; around a chunk's middle value o they lose only what the chunk's own
+# span costs. So a chunk spanning a few sqrt(tau) (``_NARROW``; most of a
+# layer) writes its distances and sums as small matmuls of w - o, and a wider
+# one (the tails) writes every term around the exact differences w - c.
 # More dimensions: the rows are centred on their mean, and the distances and
 # backward's sums are small matmuls (-||w - c||^2 = 2 w.c - ||c||^2 - ||w||^2,
 # the last term a per-row constant that the softmax removes): there tau grows
