@@ -652,7 +652,7 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
         if kept is not None:
             kept.append((attn, inv))
 
-    grad_rows = rows.new_zeros(d, n)
+    grad_rows = rows.new_empty(d, n)  # each plan covers every row once: the last iteration writes it all
     scale = 2.0 / tau
     reach = 2.0 * (_largest(rows[:d]) + _largest(torch.stack(local))) if n else 0.0
     for t in range(iterations, 0, -1):
@@ -678,7 +678,10 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
                 rows[:, start:stop], grads[:, start:stop], _pick(table, cols), tau, far, middle, cached,
                 last=t == iterations, with_bias=with_bias, need_prev=grad_c is not None,
             )
-            grad_rows[:, start:stop] += grad_w
+            if t == iterations:
+                grad_rows[:, start:stop] = grad_w
+            else:
+                grad_rows[:, start:stop] += grad_w
             if part is not None:
                 if cols is None:
                     grad_c += part

@@ -175,7 +175,8 @@ class DKMParametrization(nn.Module):
             raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
         with torch.no_grad():
             self.codebook.copy_(books.view_as(self.codebook))  # warm start for the next step
-        flat = torch.stack(softs).reshape(layout.rows(tuple(weight.shape)), -1)
+        # (one group, the usual case: a view, not a copy of the weight)
+        flat = (softs[0][None] if len(softs) == 1 else torch.stack(softs)).reshape(layout.rows(tuple(weight.shape)), -1)
         if self.scale is not None:
             flat = flat * self.scale[:, None]
         out = layout.from_layout(flat, tuple(weight.shape), self.spec.layout).to(weight.dtype)
