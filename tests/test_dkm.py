@@ -222,6 +222,20 @@ def test_narrow_chunks_written_around_their_middle_match_reference(dtype, output
     assert_near(got[3], ref[3], gradient)
 
 
+@pytest.mark.parametrize("d, b", [(1, 4), (1, 2), (2, 4)])
+def test_autocast_changes_nothing(d, b):
+    # under a caller's bfloat16 autocast the engine's matmuls still run in float32
+    gen = torch.Generator().manual_seed(9)
+    vectors = torch.randn(20_000 // d, d, generator=gen) * 0.05
+    problem = (vectors, *realistic_start(vectors, 1 << b)[:2], 3, 0.0)
+    plain = run(dkm.soft_cluster, *problem)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run(dkm.soft_cluster, *problem)
+    assert plain[2] == cast[2]
+    for a, c in zip(plain[:2] + plain[3:], cast[:2] + cast[3:]):
+        assert c.dtype == torch.float32 and torch.equal(a, c)
+
+
 def test_scratch_blocks_are_reused_and_change_nothing():
     # temporaries come from buffers kept from call to call: a call between two identical
     # ones (another shape, another dtype) leaves their results bitwise equal

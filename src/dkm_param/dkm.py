@@ -190,10 +190,12 @@ def soft_cluster(
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     budget = max(1, int(chunk_elements or CHUNK_ELEMENTS))
     args = (float(tau), int(max_iter), float(epsilon), window, budget, order_cache)
-    if torch.is_grad_enabled() and vectors.requires_grad:
-        return _SoftCluster.apply(vectors, codebook, *args)
-    with torch.no_grad():
-        run = _cluster(vectors, codebook, *args)
+    # every operation in the vectors' dtype, whatever autocast the caller runs under
+    with torch.autocast(vectors.device.type, enabled=False):
+        if torch.is_grad_enabled() and vectors.requires_grad:
+            return _SoftCluster.apply(vectors, codebook, *args)
+        with torch.no_grad():
+            run = _cluster(vectors, codebook, *args)
     return run.soft, run.codebooks[-1], len(run.masses)
 
 
@@ -805,6 +807,11 @@ class _SoftCluster(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
+        with torch.autocast(grad_soft.device.type, enabled=False):
+            return _SoftCluster._backward(ctx, grad_soft)
+
+    @staticmethod
+    def _backward(ctx, grad_soft):
         values, order, codebooks, masses = ctx.saved_tensors
         if ctx.sorted:
             vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, values)
