@@ -3,7 +3,7 @@ engine ``dkm.soft_cluster`` against the plain unrolled ``soft_cluster_reference`
 
 Each case runs each engine in its own subprocess, so that peak memory is clean:
 "extra memory" is the growth of ``ru_maxrss`` over one forward+backward step
-(the inputs are created, and the engine run once on 4096 vectors to set up
+(on the CPU; the inputs are created, and the engine run once on 4096 vectors to set up
 its libraries, before the first reading; freed memory is then handed back to
 the system and the peak restarted from the current RSS through
 /proc/self/clear_refs; the gradient buffer is part of the step). Time per step is the least of ``--repeats`` steps run after that
@@ -21,8 +21,13 @@ With ``--threads 1 --cpu-time`` the times are the worker's CPU time, which
 another busy process on the machine disturbs far less (wall time with two
 threads can be many times longer when the cores are shared).
 
+With ``--device cuda`` both run on the GPU: times are wall time after a
+``torch.cuda.synchronize``, and "extra memory" is the growth of the GPU's
+peak allocated memory over the step; a reference that runs out of GPU memory
+is retried with fewer iterations, as on the CPU.
+
 Usage: python benchmarks/bench_dkm.py [--cases NAME ...] [--repeats 5] [--ref-repeats 1]
-       [--threads N] [--cpu-time]
+       [--threads N] [--cpu-time] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -93,32 +98,47 @@ def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str,
     from dkm_param import dkm
 
     threads, cpu_time = int(os.environ.get("BENCH_THREADS", "0")), os.environ.get("BENCH_CPU_TIME") == "1"
+    device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+    gpu = device.type == "cuda"
     if threads:
         torch.set_num_threads(threads)
     clock = time.process_time if cpu_time else time.perf_counter
 
+    def finished() -> float:
+        if gpu:  # a GPU runs asynchronously: time what it has finished
+            torch.cuda.synchronize(device)
+        return clock()
+
     weights, _, dim = CASES[case]
-    vectors, grad = make_inputs(weights, dim)
+    vectors, grad = (t.to(device) for t in make_inputs(weights, dim))
     start = torch.load(setup_path)
+    codebook = start["codebook"].to(device)
     fn = dkm.soft_cluster if engine == "engine" else dkm.soft_cluster_reference
     vectors.requires_grad_(True)
 
     def step():
         vectors.grad = None
-        began = clock()
-        soft, _, iterations = fn(vectors, start["codebook"].clone(), start["tau"], max_iter, start["epsilon"])
+        began = finished()
+        soft, _, iterations = fn(vectors, codebook.clone(), start["tau"], max_iter, start["epsilon"])
         soft.backward(grad)
-        return clock() - began, soft, iterations
+        return finished() - began, soft, iterations
 
     # a small call first, so that one-time library set-up is not counted as the step's memory
     small = vectors[:4096].detach().clone().requires_grad_(True)
-    fn(small, start["codebook"].clone(), start["tau"], max_iter, start["epsilon"])[0].sum().backward()
+    fn(small, codebook.clone(), start["tau"], max_iter, start["epsilon"])[0].sum().backward()
     del small
-    reset_peak()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    first, soft, iterations = step()
-    extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    torch.save({"soft": soft.detach(), "grad": vectors.grad}, out_path)
+    if gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        first, soft, iterations = step()
+        extra_kib = (torch.cuda.max_memory_allocated(device) - before) / 1024
+    else:
+        reset_peak()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        first, soft, iterations = step()
+        extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    torch.save({"soft": soft.detach().cpu(), "grad": vectors.grad.cpu()}, out_path)
     del soft
     times = [step()[0] for _ in range(repeats)]
     print(json.dumps({"first": first, "times": times, "extra_mib": extra_kib / 1024, "iterations": iterations}))
@@ -151,8 +171,10 @@ def run_worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: 
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
+    # (CUDA reserves far more address space than it uses: a GPU run is not capped)
+    gpu = os.environ.get("BENCH_DEVICE", "cpu").startswith("cuda")
     cmd = [sys.executable, __file__, "--worker", case, engine, str(max_iter), str(repeats), setup_path, out_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=None if gpu else cap)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
         print(f"  {engine} failed at max_iter={max_iter}: {tail[0][:200]}", flush=True)
@@ -195,12 +217,18 @@ def main() -> None:
     parser.add_argument("--ref-repeats", type=int, default=1, help="timed reference steps after the measured one")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="time by the worker's CPU time (use with --threads 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.cpu_time and device.type != "cpu":
+        parser.error("--cpu-time measures the CPU: use it with --device cpu")
     os.environ["BENCH_THREADS"] = str(args.threads)
     os.environ["BENCH_CPU_TIME"] = "1" if args.cpu_time else "0"
+    os.environ["BENCH_DEVICE"] = str(device)
     threads = args.threads or torch.get_num_threads()
     clock = "CPU" if args.cpu_time else "wall"
-    print(f"torch {torch.__version__}, {threads} threads, {clock} time, load average {os.getloadavg()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    print(f"torch {torch.__version__}, {where}, {clock} time, load average {os.getloadavg()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:

@@ -16,10 +16,12 @@ measured before and after the DKM configurations; the faster is the reference.
 
 With ``--threads 1 --cpu-time`` every time is the process's CPU time, which
 another busy process on the machine barely disturbs (wall time with two
-threads can be many times longer when the cores are shared).
+threads can be many times longer when the cores are shared). With
+``--device cuda`` every time is wall time after a ``torch.cuda.synchronize``;
+``--size 224 --batch 64`` is the ImageNet-sized step.
 
 Usage: python benchmarks/bench_train_step.py [--steps 10] [--warmup 10] [--bits 4 2]
-       [--threads N] [--cpu-time]
+       [--threads N] [--cpu-time] [--device cpu|cuda] [--size 32] [--batch 32]
 """
 
 from __future__ import annotations
@@ -108,18 +110,29 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time (use with --threads 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--size", type=int, default=32, help="input height and width (default: 32)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     args = parser.parse_args()
     global clock
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
+        if device.type != "cpu":
+            parser.error("--cpu-time measures the CPU: use it with --device cpu")
         clock = time.process_time
+    elif device.type == "cuda":
+        def clock() -> float:  # a GPU runs asynchronously: time what it has finished
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
     torch.manual_seed(0)
-    base = torchvision.models.resnet18(num_classes=10)
-    data = (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    base = torchvision.models.resnet18(num_classes=10).to(device)
+    data = (torch.randn(args.batch, 3, args.size, args.size, device=device), torch.randint(0, 10, (args.batch,), device=device))
     recorder = Recorder()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {where}, input {args.batch}x3x{args.size}x{args.size}, "
         f"{'CPU' if args.cpu_time else 'wall'} time, load average {os.getloadavg()}"
     )
 
