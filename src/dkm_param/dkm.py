@@ -509,7 +509,7 @@ def _attention(
             dist = diff.mul_(diff)
             attn = torch.sub(dist.amin(0, keepdim=True), dist, out=dist).mul_(scale)
         else:
-            attn = torch.mul(diff, diff, out=diff).mul_(-scale)
+            attn = torch.addcmul(diff.new_zeros(()), diff, diff, value=-scale, out=diff)  # one pass
     else:
         # -||w - c||^2 less its per-row term ||w||^2, which softmax removes: one matmul of
         # [2 c, -||c||^2] with the rows (in one dimension, w - centre: the chunk is
