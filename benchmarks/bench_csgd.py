@@ -22,8 +22,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from dkm_param.csgd import CentripetalSGD, CSGDSpec, cluster_filters, collapse_
-from dkm_param.surgery import count_macs, count_params, thin
+from dkm_param.filters.csgd import CentripetalSGD, CSGDSpec, cluster_filters, collapse_
+from dkm_param.filters.thinning import count_macs, count_params, thin
 
 
 def digits(side=16, seed=0):

@@ -1,5 +1,5 @@
 """One DKM training step (forward and backward of the soft clustering): the
-engine ``dkm.soft_cluster`` against the plain unrolled ``soft_cluster_reference``.
+engine ``dkm_param.ops.soft.soft_cluster`` against the plain unrolled ``soft_cluster_reference``.
 
 Each case runs each engine in its own subprocess, so that peak memory is clean:
 "extra memory" is the growth of ``ru_maxrss`` over one forward+backward step
@@ -66,7 +66,7 @@ def make_inputs(weights: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def setup(weights: int, bits: int, dim: int) -> dict:
     """The codebook, tau and epsilon that ``DKMParametrization`` would start from."""
-    from dkm_param import kmeans
+    from dkm_param.ops import kmeans
 
     vectors, _ = make_inputs(weights, dim)
     codebook = kmeans.init_codebook(vectors, 1 << bits, "kmeans++", seed=0)
@@ -95,7 +95,7 @@ def reset_peak() -> None:
 
 def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str, out_path: str) -> None:
     """Runs in the subprocess: one measured step, then ``repeats`` timed ones."""
-    from dkm_param import dkm
+    from dkm_param.ops import soft as ops_soft
 
     threads, cpu_time = int(os.environ.get("BENCH_THREADS", "0")), os.environ.get("BENCH_CPU_TIME") == "1"
     device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
@@ -113,7 +113,7 @@ def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str,
     vectors, grad = (t.to(device) for t in make_inputs(weights, dim))
     start = torch.load(setup_path)
     codebook = start["codebook"].to(device)
-    fn = dkm.soft_cluster if engine == "engine" else dkm.soft_cluster_reference
+    fn = ops_soft.soft_cluster if engine == "engine" else ops_soft.soft_cluster_reference
     vectors.requires_grad_(True)
 
     def step():
@@ -147,12 +147,12 @@ def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str,
 def float64_truth(case: str, max_iter: int, start: dict) -> dict:
     """The step in float64, by the engine (in the tests it matches the float64 reference
     to 1e-12; the float64 reference itself would not fit in memory at 8 bits)."""
-    from dkm_param import dkm
+    from dkm_param.ops import soft as ops_soft
 
     weights, _, dim = CASES[case]
     vectors, grad = (t.double() for t in make_inputs(weights, dim))
     vectors.requires_grad_(True)
-    soft, _, _ = dkm.soft_cluster(vectors, start["codebook"].double(), start["tau"], max_iter, start["epsilon"])
+    soft, _, _ = ops_soft.soft_cluster(vectors, start["codebook"].double(), start["tau"], max_iter, start["epsilon"])
     soft.backward(grad)
     return {"soft": soft.detach(), "grad": vectors.grad}
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from dkm_param import kmeans
+from dkm_param.ops import kmeans
 
 
 def timed(fn):

@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 
 import dkm_param as dp
-from dkm_param import dkm
+from dkm_param.ops import soft as ops_soft
 
 
 clock = time.perf_counter
@@ -50,7 +50,7 @@ class Recorder:
         self.forward_s = 0.0
         self.iterations: list[int] = []
         self.active = False
-        forward, soft_cluster = dp.DKMParametrization.forward, dkm.soft_cluster
+        forward, soft_cluster = dp.DKMParametrization.forward, ops_soft.soft_cluster
 
         def timed_forward(module, weight):
             if not self.active:
@@ -67,7 +67,7 @@ class Recorder:
             return out
 
         dp.DKMParametrization.forward = timed_forward
-        dkm.soft_cluster = counted
+        ops_soft.soft_cluster = counted
 
 
 def measure(model: nn.Module, data, steps: int, warmup: int, recorder: Recorder) -> dict:

@@ -5,7 +5,7 @@ import dkm_param as dp
 
 PUBLIC = {
     "CompressedLayer", "CompressedModel", "DKMError", "DKMParametrization", "FormatError", "LayerPlan",
-    "LayerSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
+    "LayerSpec", "StorageSpec", "TrainingSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
     "load_compressed", "read_compressed", "palettize", "fisher",
     "CSGDSpec", "CentripetalSGD", "FilterPlan", "FilterRow", "SurgeryError", "ThinReport",
     "cluster_filters", "collapse_", "count_macs", "thin", "CodebookParametrization", "finetune_codebooks", "register_dkm", "remove_dkm",

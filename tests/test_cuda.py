@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import dkm_param as dp
-from dkm_param import dkm
+from dkm_param.ops import soft
 
-from test_dkm import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, run
+from test_soft import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -21,11 +21,11 @@ def test_engine_on_cuda_matches_reference_and_cpu(n, d, bits, settled):
     vectors = torch.randn(n, d, generator=gen) * 0.05
     codebook, tau, epsilon = realistic_start(vectors, 1 << bits)
     if settled:
-        codebook, _ = dkm.settle(vectors, codebook, tau, 300, epsilon / 4)
+        codebook, _ = soft.settle(vectors, codebook, tau, 300, epsilon / 4)
     cuda = (vectors.cuda(), codebook.cuda(), tau, 4, epsilon)
-    ref = run(dkm.soft_cluster_reference, *cuda)
-    got = run(dkm.soft_cluster, *cuda)
-    cpu = run(dkm.soft_cluster, vectors, codebook, tau, 4, epsilon)
+    ref = run(soft.soft_cluster_reference, *cuda)
+    got = run(soft.soft_cluster, *cuda)
+    cpu = run(soft.soft_cluster, vectors, codebook, tau, 4, epsilon)
     assert got[0].is_cuda and got[3].is_cuda and got[1].is_cuda
     assert got[2] == ref[2] == cpu[2]
     for want in (ref, tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in cpu)):

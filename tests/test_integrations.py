@@ -2,13 +2,13 @@
 
 import os
 import socket
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import dkm_param as dp
+from dkm_param.dkm.exportable import exportable_parametrizations
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,7 +134,7 @@ def _ddp_worker(rank, world, port, out):
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
     ddp(x)  # the codebooks broadcast from rank 0 at every forward
-    books = {n: p.codebook.clone() for n, _, p in dp.register.dkm_parametrizations(model)}
+    books = {n: p.codebook.clone() for n, _, p in exportable_parametrizations(model)}
     torch.save(books, f"{out}/books{rank}.pt")
     if rank == 0:
         model.eval()

@@ -1,16 +1,17 @@
 """dkm-param: weight clustering (differentiable k-means) for PyTorch models."""
 
-from .codebooks import CodebookParametrization, finetune_codebooks
-from .csgd import CentripetalSGD, CSGDSpec, FilterPlan, FilterRow, cluster_filters, collapse_
+from .dkm.codebooks import CodebookParametrization, finetune_codebooks
+from .dkm.finalize import finalize
+from .dkm.parametrization import DKMParametrization
+from .dkm.register import register_dkm, remove_dkm
 from .errors import DKMError, FormatError, RegistrationError, SpecError, SurgeryError
-from .export import CompressedLayer, CompressedModel, finalize, load_compressed, read_compressed
-from .palettize import fisher, palettize
-from .parametrization import DKMParametrization
+from .filters.csgd import CentripetalSGD, CSGDSpec, FilterPlan, FilterRow, cluster_filters, collapse_
+from .filters.thinning import ThinReport, count_macs, thin
+from .format import CompressedLayer, CompressedModel, Summary, load_compressed, read_compressed
 from .policy import LayerPlan, Plan, Policy
-from .register import register_dkm, remove_dkm
-from .report import Summary
-from .spec import LayerSpec
-from .surgery import ThinReport, count_macs, thin
+from .posttrain.palettize import palettize
+from .posttrain.sensitivity import fisher
+from .spec import LayerSpec, StorageSpec, TrainingSpec
 
 __version__ = "0.1.0.dev0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "FormatError",
     "LayerPlan",
     "LayerSpec",
+    "StorageSpec",
+    "TrainingSpec",
     "Plan",
     "Policy",
     "RegistrationError",

@@ -19,3 +19,7 @@ class FormatError(DKMError, ValueError):
 
 class SurgeryError(DKMError, ValueError):
     """A model cannot be traced or thinned as asked."""
+
+
+class ClusteringError(DKMError, ValueError):
+    """k-means could not cluster a layer as asked (e.g. clusters stayed empty)."""

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import SpecError
-from .spec import LayerSpec, check_fields
+from .spec import CONFIG_VERSION, LayerSpec, config_from_dict
+from .tables import render_table
 
 KINDS = ("cv", "fc", "emb")
 
@@ -39,6 +40,11 @@ def layer_kind(module: nn.Module) -> str | None:
         # recognised by name so transformers is never imported
         return "fc"
     return None
+
+
+def weight_key(module_name: str) -> str:
+    """The state_dict key of a module's weight."""
+    return f"{module_name}.weight" if module_name else "weight"
 
 
 def weight_of(module: nn.Module):
@@ -91,19 +97,14 @@ class Plan(list):
         raise KeyError(name)
 
     def __str__(self) -> str:
-        header = ("layer", "type", "kind", "weights", "bits", "dim", "decision")
-        rows = [header]
+        rows = []
         for r in self:
             bits = str(r.spec.bits) if r.spec else "-"
             dim = str(r.spec.dim) if r.spec else "-"
             decision = r.reason if r.spec is None or r.tied_to else f"cluster: {r.reason}"
             rows.append((r.name, r.module_type, r.kind or "-", str(r.numel), bits, dim, decision))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        n_on = len(self.clustered())
-        lines.append(f"{n_on} clustered, {len(self.skipped())} skipped")
-        return "\n".join(lines)
+        footer = [f"{len(self.clustered())} clustered, {len(self.skipped())} skipped"]
+        return render_table(("layer", "type", "kind", "weights", "bits", "dim", "decision"), rows, footer=footer)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,10 @@ class Policy:
         return cls(kinds=kinds, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready) with the config ``version``; ``from_dict`` reads it back."""
         spec = lambda s: None if s is None else s.to_dict()  # noqa: E731
         return {
+            "version": CONFIG_VERSION,
             "default": spec(self.default),
             "kinds": {k: spec(v) for k, v in self.kinds.items()},
             "overrides": {k: spec(v) for k, v in self.overrides.items()},
@@ -192,18 +195,10 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        """Build from ``to_dict`` output, rejecting unknown keys."""
-        check_fields(cls, data)
+        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
         spec = lambda s: None if s is None else LayerSpec.from_dict(s)  # noqa: E731
-        data = dict(data)
-        if "default" in data:
-            data["default"] = spec(data["default"])
-        for key in ("kinds", "overrides"):
-            if key in data:
-                data[key] = {k: spec(v) for k, v in data[key].items()}
-        if "skip" in data:
-            data["skip"] = tuple(data["skip"])
-        return cls(**data)
+        specs = lambda table: {k: spec(v) for k, v in table.items()}  # noqa: E731
+        return config_from_dict(cls, data, default=spec, kinds=specs, overrides=specs, skip=tuple)
 
     # -- deciding ---------------------------------------------------------
 

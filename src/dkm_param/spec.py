@@ -1,69 +1,47 @@
-"""LayerSpec: how one weight is clustered (bits, vector length, temperature)."""
+"""Specs: how one weight is stored (the file's half) and how it is trained.
+
+``StorageSpec`` is everything decoding needs and the file carries whole;
+``TrainingSpec`` is how DKM gets there; ``LayerSpec`` is the two together,
+as users write them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import SpecError
 
 INITS = ("kmeans++", "linear", "quantile")
 LAYOUTS = ("flat", "input")
 MAX_BITS = 8
+# The version every config's ``to_dict`` writes; ``from_dict`` refuses others.
+CONFIG_VERSION = 1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """How one weight tensor is clustered.
+class StorageSpec:
+    """How one clustered weight is stored: what the file carries and decoding needs.
 
     bits: index width; the codebook has ``2**bits`` centroids.
-    dim: vector length; the weight is read as ``numel/dim`` consecutive
-        vectors (row-major, so along the input dimension of a Linear).
-    tau: absolute temperature of the attention, as in the paper's tables
-        (which assume ImageNet-scale weights). ``None`` (the default) derives
-        it from the layer itself with ``tau_rel``.
-    tau_rel: temperature relative to the layer's own clustering error:
-        ``tau = tau_rel * mean squared distance of a vector to its nearest
-        initial centroid``. It does not depend on the weight's scale; 2.0
-        matches the paper's ResNet18 temperatures at 1 to 3 bits.
-    max_iter: cap on the centroid iterations per training step.
-    settle_iter: cap on the centroid iterations run once at registration,
-        without gradient, on a summary of the weight (``dkm.settle``), so that
-        the seeded codebook starts at the soft clustering's fixed point and
-        training steps stop after one or two iterations instead of spending
-        ``max_iter`` on catching up; they stop at ``epsilon / 4``. 0 keeps the
-        seeded codebook.
-    epsilon: the iterations stop once no centroid moves more than
-        ``epsilon * std(weight)``.
-    init: how the codebook is seeded: ``kmeans++``, ``linear`` (evenly
-        spaced between the extremes) or ``quantile`` (by density).
-    seed: seed of the initialisation's own random generator, so that
-        registration never touches the global RNG and is repeatable.
+    dim: vector length; the weight is read as ``numel/dim`` vectors.
     group_size: None for one codebook per tensor; else each group of this
         many output channels (rows of the weight) gets its own codebook.
-    channel_scale: cluster each output channel divided by its largest
-        magnitude, storing one scale per channel.
+    channel_scale: each output channel is clustered divided by its largest
+        magnitude, and one scale per channel is stored.
+    preserve_zeros: codebook entry 0 is pinned at zero and vectors that are
+        exactly zero stay exactly zero (for pruned models).
     layout: how vectors are read: ``flat`` takes ``dim`` consecutive values
-        of the row-major weight (along the input dimension of a Linear or
-        1x1 conv, along the kernel of a larger conv); ``input`` takes blocks
-        of ``dim`` input channels at one kernel position (the iPQ layout for
-        convolutions; the same as ``flat`` for a Linear).
-    preserve_zeros: for pruned models: codebook entry 0 is pinned at zero,
-        vectors that are exactly zero stay exactly zero (never reassigned),
-        and the other vectors share the remaining ``2**bits - 1`` centroids.
+        of the row-major weight; ``input`` takes blocks of ``dim`` input
+        channels at one kernel position (the iPQ layout for convolutions).
     """
 
     bits: int = 4
     dim: int = 1
-    tau: float | None = None
-    tau_rel: float = 2.0
-    max_iter: int = 5
-    settle_iter: int = 300
-    epsilon: float = 1e-3
-    init: str = "kmeans++"
-    seed: int = 0
     group_size: int | None = None
     channel_scale: bool = False
     preserve_zeros: bool = False
@@ -72,15 +50,6 @@ class LayerSpec:
     def __post_init__(self):
         _check_int("bits", self.bits, 1, MAX_BITS)
         _check_int("dim", self.dim, 1, None)
-        _check_int("max_iter", self.max_iter, 1, None)
-        _check_int("settle_iter", self.settle_iter, 0, None)
-        _check_int("seed", self.seed, 0, None)
-        if self.tau is not None and not (_is_real(self.tau) and math.isfinite(self.tau) and self.tau > 0):
-            raise SpecError(f"tau must be a positive finite number or None, got {self.tau!r}")
-        if not (_is_real(self.tau_rel) and math.isfinite(self.tau_rel) and self.tau_rel > 0):
-            raise SpecError(f"tau_rel must be a positive finite number, got {self.tau_rel!r}")
-        if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1, None)
         for flag in ("channel_scale", "preserve_zeros"):
@@ -90,8 +59,6 @@ class LayerSpec:
             raise SpecError("preserve_zeros needs bits >= 2: one centroid is pinned at zero")
         if self.layout not in LAYOUTS:
             raise SpecError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.init not in INITS:
-            raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
     @property
     def clusters(self) -> int:
@@ -102,19 +69,6 @@ class LayerSpec:
     def bits_per_weight(self) -> float:
         """Index bits per weight, ``bits / dim`` (the codebook comes on top)."""
         return self.bits / self.dim
-
-    def replace(self, **changes: Any) -> "LayerSpec":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerSpec":
-        """Build from a dict, rejecting keys that are not fields."""
-        check_fields(cls, data)
-        return cls(**data)
 
     @property
     def per_channel(self) -> bool:
@@ -144,6 +98,183 @@ class LayerSpec:
                 f"use bits <= {max(1, vectors.bit_length() - 1)}, a smaller dim or larger groups"
             )
         return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the config ``version``, for JSON."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StorageSpec":
+        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """How DKM trains one weight's clustering; nothing of it is needed to decode.
+
+    tau: absolute temperature of the attention, as in the paper's tables
+        (which assume ImageNet-scale weights). ``None`` (the default) derives
+        it from the layer itself with ``tau_rel``.
+    tau_rel: temperature relative to the layer's own clustering error:
+        ``tau = tau_rel * mean squared distance of a vector to its nearest
+        initial centroid``. It does not depend on the weight's scale; 2.0
+        matches the paper's ResNet18 temperatures at 1 to 3 bits.
+    max_iter: cap on the centroid iterations per training step.
+    settle_iter: cap on the centroid iterations run once at registration,
+        without gradient, on a summary of the weight (``ops.soft.settle``), so
+        that the seeded codebook starts at the soft clustering's fixed point and
+        training steps stop after one or two iterations instead of spending
+        ``max_iter`` on catching up; they stop at ``epsilon / 4``. 0 keeps the
+        seeded codebook.
+    epsilon: the iterations stop once no centroid moves more than
+        ``epsilon * std(weight)``.
+    init: how the codebook is seeded: ``kmeans++``, ``linear`` (evenly
+        spaced between the extremes) or ``quantile`` (by density).
+    seed: seed of the initialisation's own random generator, so that
+        registration never touches the global RNG and is repeatable.
+    """
+
+    tau: float | None = None
+    tau_rel: float = 2.0
+    max_iter: int = 5
+    settle_iter: int = 300
+    epsilon: float = 1e-3
+    init: str = "kmeans++"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("max_iter", self.max_iter, 1, None)
+        _check_int("settle_iter", self.settle_iter, 0, None)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.tau is not None and not (_is_real(self.tau) and math.isfinite(self.tau) and self.tau > 0):
+            raise SpecError(f"tau must be a positive finite number or None, got {self.tau!r}")
+        if not (_is_real(self.tau_rel) and math.isfinite(self.tau_rel) and self.tau_rel > 0):
+            raise SpecError(f"tau_rel must be a positive finite number, got {self.tau_rel!r}")
+        if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+        if self.init not in INITS:
+            raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the config ``version``, for JSON."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingSpec":
+        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
+        return config_from_dict(cls, data)
+
+
+_STORAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StorageSpec))
+_TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSpec))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one weight tensor is clustered: a ``StorageSpec`` and a ``TrainingSpec`` in one.
+
+    Storage (written to the file, see ``StorageSpec``): bits, dim,
+    group_size, channel_scale, preserve_zeros, layout. Training (see
+    ``TrainingSpec``): tau, tau_rel, max_iter, settle_iter, epsilon, init,
+    seed. ``spec.storage`` and ``spec.training`` give the two halves;
+    ``LayerSpec.from_parts(storage, training)`` joins them.
+    """
+
+    bits: int = 4
+    dim: int = 1
+    tau: float | None = None
+    tau_rel: float = 2.0
+    max_iter: int = 5
+    settle_iter: int = 300
+    epsilon: float = 1e-3
+    init: str = "kmeans++"
+    seed: int = 0
+    group_size: int | None = None
+    channel_scale: bool = False
+    preserve_zeros: bool = False
+    layout: str = "flat"
+
+    def __post_init__(self):
+        # each half validates its own fields; kept, so the properties cost nothing
+        object.__setattr__(self, "_storage", StorageSpec(**{n: getattr(self, n) for n in _STORAGE_FIELDS}))
+        object.__setattr__(self, "_training", TrainingSpec(**{n: getattr(self, n) for n in _TRAINING_FIELDS}))
+
+    @classmethod
+    def from_parts(cls, storage: StorageSpec, training: TrainingSpec | None = None) -> "LayerSpec":
+        """The LayerSpec of a storage half and a training half (default ``TrainingSpec()``)."""
+        training = training if training is not None else TrainingSpec()
+        return cls(**dataclasses.asdict(storage), **dataclasses.asdict(training))
+
+    @property
+    def storage(self) -> StorageSpec:
+        """The half the file carries: bits, dim, groups, scales, zeros, layout."""
+        return self._storage
+
+    @property
+    def training(self) -> TrainingSpec:
+        """The half that only training reads: temperature, iterations, init, seed."""
+        return self._training
+
+    @property
+    def clusters(self) -> int:
+        """Number of centroids, ``2**bits``."""
+        return self._storage.clusters
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per weight, ``bits / dim`` (the codebook comes on top)."""
+        return self._storage.bits_per_weight
+
+    @property
+    def per_channel(self) -> bool:
+        """True when vectors must not straddle output channels (groups or scales)."""
+        return self._storage.per_channel
+
+    def misfit(self, shape: tuple[int, ...] | int) -> str | None:
+        """Why this spec cannot cluster a weight of this shape (or numel), or None."""
+        return self._storage.misfit(shape)
+
+    def replace(self, **changes: Any) -> "LayerSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the config ``version``, for JSON."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerSpec":
+        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
+        return config_from_dict(cls, data)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields as a dict, with the ``version`` it is written in."""
+    return {"version": CONFIG_VERSION, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
+
+
+def config_from_dict(cls: Callable[..., T], data: Mapping[str, Any], **convert: Callable[[Any], Any]) -> T:
+    """Build config ``cls`` from ``to_dict`` output.
+
+    convert: per field, a function applied to its value first (nested configs).
+    A dict without ``version`` is read as the current version. Raises
+    SpecError for a non-dict, unknown keys or another version.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
+    data = dict(data)
+    version = data.pop("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION or isinstance(version, bool):
+        raise SpecError(
+            f"{cls.__name__} dict has version {version!r}; this dkm_param reads version {CONFIG_VERSION} "
+            "(a newer dkm_param wrote it: upgrade, or write the dict again with this one)"
+        )
+    check_fields(cls, data)
+    for name, fn in convert.items():
+        if name in data:
+            data[name] = fn(data[name])
+    return cls(**data)
 
 
 def check_fields(cls: type, data: Mapping[str, Any]) -> None:

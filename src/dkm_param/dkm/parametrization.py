@@ -1,0 +1,232 @@
+"""DKMParametrization: the one module dkm_param attaches to a user's weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DKMError
+from ..format import CompressedLayer
+from ..ops import kmeans, layout, soft
+from ..ops.dtypes import compute_dtype
+from ..spec import LayerSpec
+
+
+class DKMParametrization(nn.Module):
+    """``weight -> A @ C`` in training mode, ``weight -> C[nearest]`` in eval mode.
+
+    State, all in buffers so ``state_dict`` checkpoints resume exactly:
+    ``codebook`` (k, d), or (groups, k, d) with ``spec.group_size``, the
+    warm-started centroids; ``tau`` and ``epsilon`` (groups,), the
+    temperature and the absolute convergence threshold; ``scale`` (rows,)
+    with ``spec.channel_scale``.
+
+    Each group also keeps the order in which its values were last grouped
+    (``soft.OrderCache``, 4 bytes a weight, not in ``state_dict``), so that a
+    training step does not sort them anew.
+
+    One training-mode result is reused while neither the weight nor the
+    codebook changed and its backward has not run, so a weight read several
+    times in one step (tied weights, repeated calls) is clustered once and
+    every reader sees the same tensor.
+    """
+
+    def __init__(
+        self, weight: Tensor, spec: LayerSpec, name: str = "", codebook: Tensor | None = None, skipped: tuple = ()
+    ):
+        """codebook: starting centroids (e.g. from ``palettize``) instead of ``spec.init``."""
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.skipped = tuple(skipped)
+        work = weight.detach().to(compute_dtype(weight.dtype))
+        if spec.channel_scale:
+            self.register_buffer("scale", layout.channel_scale(work))
+        else:
+            self.scale = None
+        groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale, spec.layout)  # (G, n, d)
+        if spec.preserve_zeros:  # fixed at registration: pruned weights stay pruned
+            self.register_buffer("zeros", (groups == 0).all(-1))  # (G, n)
+        else:
+            self.zeros = None
+        live = [self._live(g, i) for i, g in enumerate(groups)]
+        free = spec.clusters - self._pinned
+        if codebook is None:
+            books = torch.stack([self._pin(kmeans.init_codebook(v, free, spec.init, spec.seed)) if len(v) else
+                                 work.new_zeros(spec.clusters, spec.dim) for v in live])
+        else:
+            books = codebook.to(device=work.device, dtype=work.dtype).reshape(len(groups), spec.clusters, spec.dim)
+            books = torch.stack([self._pin(b[self._pinned:]) for b in books])
+        taus = torch.stack([self._temperature(v, book[self._pinned:]) for v, book in zip(live, books)])
+        spread = torch.stack([v.std(unbiased=False) if len(v) > 1 else v.new_zeros(()) for v in live])
+        if spec.settle_iter:
+            books = torch.stack([
+                self._pin(soft.settle(v, book[self._pinned:], float(tau), spec.settle_iter,
+                                     spec.epsilon * float(std) / 4, spec.seed)[0]) if len(v) else book
+                for v, book, tau, std in zip(live, books, taus, spread)
+            ])
+        self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
+        self.register_buffer("tau", taus.to(work.dtype))
+        self.register_buffer("epsilon", (spec.epsilon * spread).to(work.dtype))
+        self._cached: tuple[tuple, Tensor] | None = None
+        # each group's value order, reused from step to step (not state: a speed-up only)
+        self._orders = [soft.OrderCache() for _ in range(len(groups))]
+
+    @property
+    def _pinned(self) -> int:
+        """Codebook entries not learned: entry 0, pinned at zero, with ``preserve_zeros``."""
+        return 1 if self.spec.preserve_zeros else 0
+
+    def _pin(self, learned: Tensor) -> Tensor:
+        return torch.cat([learned.new_zeros(self._pinned, learned.shape[1]), learned])
+
+    def _live(self, vectors: Tensor, group: int) -> Tensor:
+        """The vectors that are clustered: all, or the non-zero ones with ``preserve_zeros``."""
+        return vectors if self.zeros is None else vectors[~self.zeros[group]]
+
+    def _temperature(self, vectors: Tensor, codebook: Tensor) -> Tensor:
+        if self.spec.tau is not None:
+            return torch.tensor(self.spec.tau, dtype=vectors.dtype)
+        if not len(vectors):
+            return torch.ones((), dtype=vectors.dtype)  # nothing to cluster in this group
+        tau = self.spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
+        if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
+            tau = self.spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
+        return tau
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return f"bits={spec.bits}, dim={spec.dim}, groups={self.books().shape[0]}, tau={float(self.tau.mean()):.3g}"
+
+    def books(self) -> Tensor:
+        """The codebooks as (groups, k, d), a view of the buffer."""
+        return self.codebook.view(-1, self.spec.clusters, self.spec.dim)
+
+    def grouped(self, weight: Tensor) -> Tensor:
+        """The weight as (groups, n, d) vectors in the clustering dtype, scaled per channel."""
+        spec = self.spec
+        return layout.grouped_vectors(weight.to(self.codebook.dtype), spec.dim, spec.group_size, self.scale, spec.layout)
+
+    def assign(self, weight: Tensor, codebook: Tensor | None = None) -> Tensor:
+        """Index of the nearest centroid of every vector, groups in order.  # (n,)
+
+        codebook: centroids to assign to instead of the buffer (same shape).
+        """
+        books = self.books() if codebook is None else codebook.view_as(self.books())
+        with torch.no_grad():
+            groups = self.grouped(weight)
+            if not torch.isfinite(groups).all():
+                raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
+            indices = []
+            for i, (g, book) in enumerate(zip(groups, books)):
+                found = kmeans.nearest(g, book[self._pinned:]) + self._pinned
+                indices.append(found if self.zeros is None else torch.where(self.zeros[i], 0, found))
+            return torch.cat(indices)
+
+    def snap(self, weight: Tensor) -> Tensor:
+        """Each vector replaced by its nearest centroid (no gradient to the weight)."""
+        indices = self.assign(weight)
+        return layout.decode(self.codebook, indices, tuple(weight.shape), weight.dtype, self.scale, self.spec.layout)
+
+    def export_layer(self, weight: Tensor, stored: torch.dtype) -> CompressedLayer:
+        """The weight as the codebook rounded to ``stored`` and each vector's nearest entry of it.
+
+        Leaves the parametrization as it is. Raises DKMError for a codebook
+        that is not finite.
+        """
+        with torch.no_grad():
+            rounded = self.codebook.to(stored)
+            if not torch.isfinite(rounded).all():
+                raise DKMError(
+                    f"layer '{self.name}': the codebook holds NaN or Inf after training (or in {stored}); "
+                    "lower the learning rate or raise tau, and resume from a finite checkpoint"
+                )
+            indices = self.assign(weight, rounded.to(self.codebook.dtype))
+        return CompressedLayer(
+            shape=tuple(weight.shape),
+            dtype=weight.dtype,
+            spec=self.spec.storage,
+            codebook=rounded.detach().cpu(),
+            indices=indices.to(torch.uint8).cpu(),
+            scale=None if self.scale is None else self.scale.detach().cpu(),
+        )
+
+    # The clustering is data-dependent Python (early exits, windows, caching):
+    # torch.compile runs it eagerly and compiles the rest of the model.
+    @torch.compiler.disable
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.training:
+            return self.snap(weight)
+        key = self._key(weight)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        groups = self.grouped(weight)
+        if not _finite(groups.detach()):
+            raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
+        softs, books = [], []
+        for g, (vectors, book) in enumerate(zip(groups, self.books())):
+            live = self._live(vectors, g)
+            if not len(live):
+                softs.append(torch.zeros_like(vectors))
+                books.append(book)
+                continue
+            soft_vectors, updated, _ = soft.soft_cluster(
+                live, book[self._pinned:].clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g]),
+                order_cache=self._orders[g],
+            )
+            if self.zeros is not None:  # zero vectors stay exactly zero
+                soft_vectors = torch.zeros_like(vectors).index_put((torch.nonzero(~self.zeros[g])[:, 0],), soft_vectors)
+            softs.append(soft_vectors)
+            books.append(self._pin(updated))
+        books = torch.stack(books)
+        if not torch.isfinite(books).all():  # never pass NaN on to the model
+            raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
+        with torch.no_grad():
+            self.codebook.copy_(books.view_as(self.codebook))  # warm start for the next step
+        # (one group, the usual case: a view, not a copy of the weight)
+        flat = (softs[0][None] if len(softs) == 1 else torch.stack(softs)).reshape(layout.rows(tuple(weight.shape)), -1)
+        if self.scale is not None:
+            flat = flat * self.scale[:, None]
+        out = layout.from_layout(flat, tuple(weight.shape), self.spec.layout).to(weight.dtype)
+        if out.requires_grad:
+            out.register_hook(self._forget)
+        self._cached = (self._key(weight), out)
+        return out
+
+    def _non_finite(self, what: str, weight: Tensor) -> str:
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        return (
+            f"layer '{self.name}' ({self.spec.bits} bits, dim {self.spec.dim}): {what} "
+            f"({bad} of {weight.numel()} weights are not finite); lower the learning rate or clip "
+            "gradients, and resume from the last finite checkpoint"
+        )
+
+    def __getstate__(self):
+        # the cached result holds an autograd graph, which neither pickles nor deep-copies
+        state = self.__dict__.copy()
+        state["_cached"] = None
+        return state
+
+    def _key(self, weight: Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, self.codebook._version, torch.is_grad_enabled())
+
+    def _forget(self, grad: Tensor) -> None:
+        # backward has consumed the graph: the next read must build a new one
+        self._cached = None
+
+
+def _spacing(codebook: Tensor) -> Tensor:
+    """Mean squared error a uniform spread of vectors would have around these
+    centroids: the squared distance to the nearest other centroid, over 12."""
+    if codebook.shape[0] < 2:
+        return codebook.new_zeros(())
+    gaps = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf")).min(1).values
+    return gaps[torch.isfinite(gaps) & (gaps > 0)].mean().nan_to_num(0.0) / 12
+
+
+def _finite(values: Tensor) -> bool:
+    """Whether every value is finite, from one min-max pass (NaN and Inf reach the extremes)."""
+    if not values.numel():
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))

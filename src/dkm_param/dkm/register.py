@@ -1,0 +1,84 @@
+"""register_dkm and remove_dkm: apply a policy's plan to a model's weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import RegistrationError
+from ..ops import layout
+from ..policy import Plan, Policy, weight_key
+from ..progress import track
+from .exportable import exportable_parametrizations
+from .parametrization import DKMParametrization
+
+if TYPE_CHECKING:
+    from ..format import CompressedModel
+
+
+def register_dkm(model: nn.Module, policy: Policy | None = None, init: CompressedModel | None = None) -> Plan:
+    """Attach a DKMParametrization to every weight ``policy`` selects, in place.
+
+    Returns the plan applied (print it for a table). A weight shared by
+    several modules gets one parametrization, registered on each of them.
+    init: a CompressedModel (e.g. from ``palettize(..., inplace=False)``)
+    whose codebooks seed the layers it holds, instead of ``spec.init``.
+    Every layer's clustering is built before any is attached, so on an error
+    the model is left as it was.
+    Raises RegistrationError if the model already has DKM registered or a
+    selected weight holds NaN or Inf, SpecError for a policy that does not fit.
+    """
+    policy = policy if policy is not None else Policy()
+    registered = next(exportable_parametrizations(model), None)
+    if registered is not None:
+        raise RegistrationError(
+            f"model already has DKM registered (on '{registered[0]}'); "
+            "call dp.remove_dkm(model) or dp.finalize(model) before registering again"
+        )
+    plan = policy.plan(model)
+    rows = plan.clustered()
+    skipped = tuple(plan.skipped())
+    built = []
+    for row in track(rows, total=len(rows), desc="registering DKM"):
+        weight = model.get_submodule(row.name).weight
+        if not torch.isfinite(weight).all():
+            raise RegistrationError(
+                f"layer '{row.name}' ({row.module_type}): weight holds NaN or Inf; "
+                "fix the model's weights or skip the layer in the policy"
+            )
+        param = DKMParametrization(weight, row.spec, name=row.name, codebook=_seed(init, row), skipped=skipped)
+        built.append((row, param))
+    try:
+        for row, param in built:
+            for name in (row.name, *row.followers):
+                parametrize.register_parametrization(model.get_submodule(name), "weight", param, unsafe=True)
+    except BaseException:
+        remove_dkm(model)
+        raise
+    return plan
+
+
+def _seed(init, row):
+    """The codebook ``init`` holds for this row's weight, checked against its spec."""
+    if init is None:
+        return None
+    layer = init.layers.get(weight_key(row.name))
+    if layer is None:
+        return None
+    want = (layout.groups(row.shape, row.spec.group_size), row.spec.clusters, row.spec.dim)
+    if tuple(layer.codebook.shape) not in (want, want[1:] if want[0] == 1 else want):
+        raise RegistrationError(
+            f"layer '{row.name}': the seeding codebook has shape {tuple(layer.codebook.shape)}, "
+            f"the policy asks for {want} (bits={row.spec.bits}, dim={row.spec.dim}); use the same policy for both"
+        )
+    return layer.codebook
+
+
+def remove_dkm(model: nn.Module) -> None:
+    """Take DKM off every weight in place, restoring the trained, unclustered weights."""
+    for _, module, _ in list(exportable_parametrizations(model)):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

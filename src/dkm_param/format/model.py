@@ -1,0 +1,125 @@
+"""CompressedModel: a model as codebooks, indices and plain tensors, and loading it into a model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import RegistrationError
+from .layer import CompressedLayer
+from .summary import Summary, summarize
+from .writer import write_file
+
+if TYPE_CHECKING:
+    from ..policy import LayerPlan
+
+
+@dataclass
+class CompressedModel:
+    """A model as codebooks, indices and plain tensors, ready to save.
+
+    layers: clustered weights by state_dict name; tensors: every other entry
+    of the state_dict; aliases: names that hold the same tensor as another
+    (tied weights), stored once; skipped: the plan rows of layers left
+    uncompressed, with their reasons (empty when the plan is unknown).
+    """
+
+    layers: dict[str, CompressedLayer]
+    tensors: dict[str, Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+    skipped: list[LayerPlan] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The decoded model weights, as a plain state_dict."""
+        state = dict(self.tensors)
+        state.update({name: layer.weight() for name, layer in self.layers.items()})
+        for alias, target in self.aliases.items():
+            state[alias] = state[target]
+        return state
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Copy the decoded weights into ``model`` (an ordinary, unregistered model), in place."""
+        return load_state(model, self.state_dict())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one .safetensors file atomically: a failed save leaves any old file intact."""
+        return write_file(self, Path(path))
+
+    def summary(self) -> Summary:
+        """Per-layer bits, dim, sizes, and the totals; prints as a table."""
+        return summarize(self)
+
+
+def assemble(
+    state: dict[str, Tensor], layers: dict[str, CompressedLayer], aliases: dict[str, str], skipped: list[Any]
+) -> CompressedModel:
+    """A CompressedModel of ``layers`` plus every other tensor of ``state`` (a state_dict)."""
+    aliases = dict(aliases)
+    tensors, shared = _plain_tensors(state, skip=set(layers) | set(aliases))
+    aliases.update(shared)
+    return CompressedModel(layers=layers, tensors=tensors, aliases=aliases, skipped=list(skipped))
+
+
+def _plain_tensors(state: dict[str, Tensor], skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state_dict entries not in ``skip``, with tensors sharing storage stored once."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        if name in skip:
+            continue
+        ident = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = tensor.detach().cpu()
+    return tensors, aliases
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """Load a complete state_dict into a plain ``model`` in place, naming every key that does not fit.
+
+    Raises RegistrationError, before changing anything, for a model with
+    parametrized weights (DKM registered) or a state that does not fit it.
+    """
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise RegistrationError(
+                f"module '{name}' has a parametrization (DKM registered?); load into a plain model "
+                "(or call dp.finalize or dp.remove_dkm first)"
+            )
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    mismatched += [
+        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state and tuple(state[k].shape) == tuple(own[k].shape) and state[k].dtype != own[k].dtype
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {_few(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_few(unexpected)}")
+        if mismatched:
+            parts.append(f"shape or dtype differs: {_few(mismatched)}")
+        raise RegistrationError("file does not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _few(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -1,0 +1,372 @@
+"""Hard k-means on tensors: nearest-centroid assignment, seeding, Lloyd iterations."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Distances are computed over row chunks of at most this many (vector, centroid) pairs.
+_PAIRS_PER_CHUNK = 1 << 22
+# Seeding and the initial Lloyd refinement run on at most this many vectors.
+_SEED_SAMPLE = 1 << 16
+# 1-D k-means of more values than this clusters a histogram of _BINS bins.
+_HISTOGRAM_ABOVE = 1 << 18
+_BINS = 1 << 20
+
+
+def nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest centroid for every vector.  # (n,) int64
+
+    Memory stays O(n + k): 1-D uses a binary search over the sorted centroids,
+    vectors use chunked exact distances.
+    """
+    if codebook.shape[1] == 1:
+        order = torch.argsort(codebook[:, 0], stable=True)
+        ordered = codebook[order, 0]
+        midpoints = (ordered[1:] + ordered[:-1]) / 2
+        return order[torch.searchsorted(midpoints, vectors[:, 0].contiguous(), right=False)]
+    rows = max(1, _PAIRS_PER_CHUNK // codebook.shape[0])
+    out = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
+    for start in range(0, vectors.shape[0], rows):
+        chunk = vectors[start : start + rows]
+        dist = torch.cdist(chunk, codebook, compute_mode="donot_use_mm_for_euclid_dist")
+        out[start : start + rows] = dist.argmin(1)
+    return out
+
+
+def squared_distance_to_nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """``min_j ||w_i - c_j||^2`` for every vector.  # (n,)"""
+    return (vectors - codebook[nearest(vectors, codebook)]).pow(2).sum(1)
+
+
+def kmeans_plusplus(vectors: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii): each new centroid drawn
+    with probability proportional to its squared distance to the chosen ones.  # (k, d)"""
+    n = vectors.shape[0]
+    first = torch.randint(n, (1,), generator=generator, device="cpu").item()
+    centroids = [vectors[first]]
+    closest = (vectors - vectors[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        cumulative = torch.cumsum(closest.double(), 0)
+        total = cumulative[-1]
+        if total <= 0:  # every vector already sits on a centroid: repeat one
+            pick = torch.randint(n, (1,), generator=generator, device="cpu").item()
+        else:  # inverse-CDF draw: far cheaper than torch.multinomial on large n
+            draw = torch.rand(1, generator=generator, dtype=torch.float64).to(cumulative.device) * total
+            pick = min(int(torch.searchsorted(cumulative, draw, right=True)), n - 1)
+        centroids.append(vectors[pick])
+        closest = torch.minimum(closest, (vectors - vectors[pick]).pow(2).sum(1))
+    return torch.stack(centroids)
+
+
+def lloyd(vectors: Tensor, codebook: Tensor, iterations: int) -> Tensor:
+    """Plain Lloyd iterations; an empty cluster keeps its centroid.  # (k, d)"""
+    k = codebook.shape[0]
+    for _ in range(iterations):
+        assign = nearest(vectors, codebook)
+        counts = torch.bincount(assign, minlength=k).to(vectors.dtype)
+        sums = torch.zeros_like(codebook).index_add_(0, assign, vectors)
+        updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], codebook)
+        if torch.equal(updated, codebook):
+            break
+        codebook = updated
+    return codebook
+
+
+def init_codebook(vectors: Tensor, k: int, method: str, seed: int, refine: int = 10) -> Tensor:
+    """Seed a (k, d) codebook for ``vectors`` by ``method`` and refine it with Lloyd.
+
+    method: ``kmeans++``, ``linear`` (evenly spaced between each coordinate's
+    extremes) or ``quantile`` (each coordinate's quantiles, so dense regions
+    get more centroids). Runs on a fixed-seed subsample of large inputs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sample = vectors
+    if vectors.shape[0] > _SEED_SAMPLE:
+        pick = torch.randperm(vectors.shape[0], generator=generator)[:_SEED_SAMPLE]
+        sample = vectors[pick.to(vectors.device)]
+    if method == "kmeans++":
+        codebook = kmeans_plusplus(sample, k, generator)
+    elif method == "linear":
+        steps = torch.linspace(0, 1, k, dtype=sample.dtype, device=sample.device)[:, None]
+        low, high = sample.min(0).values, sample.max(0).values
+        codebook = low + steps * (high - low)
+    elif method == "quantile":
+        levels = (torch.arange(k, dtype=sample.dtype, device=sample.device) + 0.5) / k
+        codebook = torch.quantile(sample, levels, dim=0)
+    else:
+        raise ValueError(f"unknown init {method!r}")
+    return lloyd(sample, codebook, refine)
+
+
+# -- post-training engines ---------------------------------------------------
+
+
+class EmptyClusterError(ValueError):
+    """k-means could not fill every cluster, even after repairs (callers name the layer)."""
+
+
+class _Sorted:
+    """1-D values sorted once, with weighted prefix sums: any cluster's count,
+    sum and squared error is then O(1), a Lloyd step O(k log n)."""
+
+    def __init__(self, values: Tensor, weights: Tensor | None, presorted: bool = False):
+        if presorted:
+            self.x = values.double()
+            w = torch.ones_like(self.x) if weights is None else weights.double()
+        else:
+            order = torch.argsort(values)
+            self.x = values[order].double()  # (n,)
+            w = torch.ones_like(self.x) if weights is None else weights[order].double()
+        zero = self.x.new_zeros(1)
+        self.s0 = torch.cat([zero, torch.cumsum(w, 0)])  # (n+1,)
+        self.s1 = torch.cat([zero, torch.cumsum(w * self.x, 0)])
+        self.s2 = torch.cat([zero, torch.cumsum(w * self.x * self.x, 0)])
+        self._ends = torch.tensor([0, self.x.numel()], device=self.x.device)
+
+    def distinct(self) -> int:
+        return 1 + int((self.x[1:] != self.x[:-1]).sum())
+
+    def bounds(self, centroids: Tensor) -> Tensor:
+        """Start of each sorted centroid's run of values, plus n.  # (k+1,)"""
+        mids = (centroids[1:] + centroids[:-1]) / 2
+        inner = torch.searchsorted(self.x, mids, right=True)
+        return torch.cat([self._ends[:1], inner, self._ends[1:]])
+
+    def cost(self, start: Tensor, stop: Tensor) -> Tensor:
+        """Weighted squared error of values[start:stop] around their mean."""
+        w = self.s0[stop] - self.s0[start]
+        s = self.s1[stop] - self.s1[start]
+        sse = self.s2[stop] - self.s2[start] - s * s / w.clamp_min(1e-300)
+        return torch.where(w > 0, sse.clamp_min(0), torch.zeros_like(sse))
+
+    def lloyd(self, centroids: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, float]:
+        """Lloyd from ``centroids`` (k,), repairing empty clusters, until the
+        clusters stop changing or the squared error improves by less than ``tol``
+        (relative) in a step."""
+        c = torch.sort(centroids.double()).values
+        b = self.bounds(c)
+        error = float("inf")
+        for _ in range(max_iter):
+            w = self.s0[b[1:]] - self.s0[b[:-1]]
+            s = self.s1[b[1:]] - self.s1[b[:-1]]
+            new = torch.where(w > 0, s / w.clamp_min(1e-300), c)
+            if (w <= 0).any():  # move each empty centroid into the worst cluster
+                sse = self.cost(b[:-1], b[1:])
+                for j in torch.nonzero(w <= 0).flatten().tolist():
+                    worst = int(sse.argmax())
+                    lo, hi = int(b[worst]), int(b[worst + 1])
+                    new[j] = self.x[(lo + hi) // 2] if hi - lo > 1 else new[j]
+                    sse[worst] = 0
+            c = torch.sort(new).values
+            moved = self.bounds(c)
+            if torch.equal(moved, b):  # same clusters: c is a fixed point
+                break
+            b = moved
+            now = float(self.cost(b[:-1], b[1:]).sum())
+            if error - now <= tol * now:
+                break
+            error = now
+        return c, float(self.cost(b[:-1], b[1:]).sum())
+
+
+def kmeans_1d(
+    values: Tensor,
+    k: int,
+    weights: Tensor | None = None,
+    seed: int = 0,
+    restarts: int | None = None,
+    max_iter: int = 300,
+) -> tuple[Tensor, float]:
+    """Weighted 1-D k-means on sorted values with prefix sums.
+
+    Lloyd from several starts, the lowest squared error winning: the
+    asymptotically optimal spacing (centroid density proportional to the
+    cube root of the data's density, Panter and Dite), the quantiles, and
+    ``restarts`` k-means++ seedings. Each step costs O(k log n) after one
+    sort; above _HISTOGRAM_ABOVE values a fine histogram replaces the sort.
+    restarts: k-means++ starts; by default one for up to _HISTOGRAM_ABOVE
+        values, where a few outliers can dominate the error and the
+        density-based starts under-serve them, none above.
+    Returns (sorted centroids (k,), inertia).
+    """
+    values = values.reshape(-1)
+    large = values.numel() > _HISTOGRAM_ABOVE
+    data = _histogram(values, weights) if large else _Sorted(values, weights)
+    if restarts is None:
+        restarts = 0 if large else 1
+    if data.distinct() <= k:  # exact: every distinct value is a centroid
+        return _pad(torch.unique_consecutive(data.x), k).to(values.dtype), 0.0
+    levels = (torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k
+    starts = [_quantiles(data, levels, power=1 / 3), _quantiles(data, levels, power=1.0)]
+    generator = torch.Generator().manual_seed(seed)
+    sample = data.x[torch.randint(data.x.numel(), (min(data.x.numel(), _SEED_SAMPLE),), generator=generator).to(data.x.device)]
+    starts += [kmeans_plusplus(sample[:, None], k, generator)[:, 0] for _ in range(restarts)]
+    best = min((data.lloyd(start, max_iter) for start in starts), key=lambda run: run[1])
+    return best[0].to(values.dtype), best[1]
+
+
+def _quantiles(data: _Sorted, levels: Tensor, power: float) -> Tensor:
+    """Values at the ``levels`` quantiles of the data's density raised to ``power``.
+
+    power 1: ordinary quantiles; 1/3: the spacing that minimises the squared
+    error for many clusters. The density is read on a grid of the values.
+    """
+    grid = min(4096, data.x.numel())
+    edges = torch.linspace(float(data.x[0]), float(data.x[-1]), grid + 1, dtype=torch.float64, device=data.x.device)
+    cuts = torch.searchsorted(data.x, edges[1:-1])
+    bounds = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), data.x.numel())])
+    density = (data.s0[bounds[1:]] - data.s0[bounds[:-1]]).clamp_min(0).pow(power)
+    cum = torch.cumsum(density, 0)
+    cells = torch.searchsorted(cum / cum[-1], levels).clamp_max(grid - 1)
+    return (edges[cells] + edges[cells + 1]) / 2
+
+
+def _histogram(values: Tensor, weights: Tensor | None) -> _Sorted:
+    """Values binned into _BINS equal-width bins, each standing for its weighted mean.
+
+    A few passes instead of a sort; the squared error inside a bin is about
+    (range / _BINS)^2 / 12 a value, far below any clustering's.
+    """
+    low, high = torch.aminmax(values)
+    if high <= low:
+        total = values.new_tensor([float(values.numel())]) if weights is None else weights.sum()[None]
+        return _Sorted(values[:1], total, presorted=True)
+    index = ((values - low) * (_BINS / (high - low))).long().clamp_(0, _BINS - 1)
+    if weights is None:
+        mass = torch.bincount(index, minlength=_BINS).double()
+        sums = torch.bincount(index, weights=values, minlength=_BINS).double()
+    else:
+        w = weights.reshape(-1).to(values.dtype)
+        mass = torch.bincount(index, weights=w, minlength=_BINS).double()
+        sums = torch.bincount(index, weights=w * values, minlength=_BINS).double()
+    full = mass > 0
+    return _Sorted(sums[full] / mass[full], mass[full], presorted=True)
+
+
+def kmeans_1d_optimal(values: Tensor, k: int, weights: Tensor | None = None) -> tuple[Tensor, float]:
+    """Globally optimal weighted 1-D k-means by dynamic programming (as Ckmeans.1d.dp).
+
+    Each of the k rows of the table is filled by divide and conquer over the
+    monotone split points, vectorized level by level: O(k n log n) time and
+    k*n int32 of memory. Returns (sorted centroids (k,), inertia).
+    """
+    values = values.reshape(-1)
+    data = _Sorted(values, weights)
+    if data.distinct() <= k:
+        return _pad(torch.unique_consecutive(data.x), k).to(values.dtype), 0.0
+    n = data.x.numel()
+    every = torch.arange(n + 1, device=values.device)
+    prev = data.cost(torch.zeros_like(every), every)  # D[1][i]: first i values in one cluster
+    splits = []
+    for m in range(2, k + 1):
+        cur, arg = _dp_row(data, prev, m, n)
+        splits.append(arg)
+        prev = cur
+    cuts = [n]
+    for arg in reversed(splits):
+        cuts.append(int(arg[cuts[-1]]))
+    cuts.append(0)
+    b = torch.tensor(cuts[::-1], device=values.device)
+    w = data.s0[b[1:]] - data.s0[b[:-1]]
+    centroids = (data.s1[b[1:]] - data.s1[b[:-1]]) / w
+    return centroids.to(values.dtype), float(prev[n])
+
+
+def _dp_row(data: _Sorted, prev: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
+    """D[m][i] = min_j D[m-1][j] + cost(j, i) for i in m..n, with its argmin j."""
+    cur = torch.full_like(prev, float("inf"))
+    arg = torch.zeros(n + 1, dtype=torch.int32, device=prev.device)
+    lo = torch.tensor([m], device=prev.device)
+    hi = torch.tensor([n], device=prev.device)
+    optlo = torch.tensor([m - 1], device=prev.device)
+    opthi = torch.tensor([n - 1], device=prev.device)
+    while lo.numel():
+        mid = (lo + hi) // 2
+        top = torch.minimum(mid - 1, opthi)
+        length = top - optlo + 1  # >= 1: opt(mid) lies in [m-1, mid-1]
+        seg = torch.repeat_interleave(torch.arange(lo.numel(), device=prev.device), length)
+        offsets = torch.cumsum(length, 0) - length
+        j = optlo[seg] + torch.arange(seg.numel(), device=prev.device) - offsets[seg]
+        value = prev[j] + data.cost(j, mid[seg])
+        best = torch.full((lo.numel(),), float("inf"), dtype=value.dtype, device=prev.device)
+        best = best.scatter_reduce(0, seg, value, "amin")
+        first = torch.full((lo.numel(),), n, dtype=j.dtype, device=prev.device)
+        first = first.scatter_reduce(0, seg, torch.where(value <= best[seg], j, n), "amin")
+        cur[mid] = best
+        arg[mid] = first.to(torch.int32)
+        left, right = lo <= mid - 1, mid + 1 <= hi
+        lo, hi, optlo, opthi = (
+            torch.cat([lo[left], mid[right] + 1]),
+            torch.cat([mid[left] - 1, hi[right]]),
+            torch.cat([optlo[left], first[right]]),
+            torch.cat([first[left], opthi[right]]),
+        )
+    return cur, arg
+
+
+def kmeans_vectors(
+    vectors: Tensor,
+    k: int,
+    weights: Tensor | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    retries: int = 10,
+    eps: float = 1e-6,
+) -> tuple[Tensor, float]:
+    """Weighted k-means by EM on (n, d) vectors: k-means++ seeding, chunked
+    exhaustive assignment, and the iPQ empty-cluster repair (copy the most
+    populated cluster's centroid, push the two apart by ``eps`` times the
+    data's spread, reassign; at most ``retries`` times in a row).
+
+    Returns (codebook (k, d), inertia). Raises EmptyClusterError when a
+    cluster stays empty after ``retries`` repairs.
+    """
+    distinct = torch.unique(vectors, dim=0)
+    if distinct.shape[0] <= k:
+        return _pad(distinct, k), 0.0
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.ones(vectors.shape[0], dtype=vectors.dtype, device=vectors.device) if weights is None else weights.to(vectors.dtype)
+    sample = vectors
+    if vectors.shape[0] > _SEED_SAMPLE:
+        sample = vectors[torch.randperm(vectors.shape[0], generator=generator)[:_SEED_SAMPLE].to(vectors.device)]
+    codebook = kmeans_plusplus(sample, k, generator)
+    spread = vectors.std(0).clamp_min(torch.finfo(vectors.dtype).tiny)
+    repairs = 0
+    for _ in range(max_iter):
+        assign = nearest(vectors, codebook)
+        mass = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, assign, w)
+        counts = torch.bincount(assign, minlength=k)
+        empty = torch.nonzero(counts == 0).flatten()
+        if empty.numel():
+            repairs += 1
+            if repairs > retries:
+                raise EmptyClusterError(
+                    f"{empty.numel()} of {k} clusters stayed empty after {retries} repairs; "
+                    "use fewer bits or a larger dim for this layer"
+                )
+            for j in empty.tolist():
+                full = int(counts.argmax())
+                push = eps * spread * torch.randn(vectors.shape[1], generator=generator, dtype=vectors.dtype).to(vectors.device)
+                codebook[j] = codebook[full] + push
+                codebook[full] = codebook[full] - push
+                counts[full] = 0  # split a different cluster for the next empty one
+            continue
+        repairs = 0
+        sums = torch.zeros_like(codebook).index_add_(0, assign, vectors * w[:, None])
+        updated = torch.where(mass[:, None] > 0, sums / mass.clamp_min(torch.finfo(w.dtype).tiny)[:, None], codebook)
+        shift = (updated - codebook).abs().max()
+        codebook = updated
+        if shift <= tol * spread.max():
+            break
+    inertia = float((w * squared_distance_to_nearest(vectors, codebook)).sum())
+    return codebook, inertia
+
+
+def _pad(distinct: Tensor, k: int) -> Tensor:
+    """``distinct`` values (or rows) repeated at the end to fill k centroids."""
+    if distinct.dim() == 1:
+        distinct = distinct[:, None]
+        return torch.cat([distinct, distinct[-1:].expand(k - distinct.shape[0], 1)])[:, 0]
+    return torch.cat([distinct, distinct[-1:].expand(k - distinct.shape[0], distinct.shape[1])])

@@ -1,0 +1,1 @@
+"""Post-training compression: palettize (k-means once, no training) and sensitivity from calibration data."""

@@ -1,0 +1,40 @@
+"""Plain-text tables and byte sizes: the one renderer behind every table the library prints."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+def render_table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    right: Iterable[int] = (),
+    footer: Iterable[str] = (),
+    rule_below: bool = False,
+) -> str:
+    """Columns padded to their widest cell, a rule under the header, then ``footer`` lines.
+
+    right: indices of the columns aligned right (numbers).
+    rule_below: another rule after the last row, before the footer.
+    """
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    right = set(right)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in table
+    ]
+    rule = "-" * max(map(len, lines))
+    lines.insert(1, rule)
+    if rule_below:
+        lines.append(rule)
+    return "\n".join([*lines, *footer])
+
+
+def format_size(n: float) -> str:
+    """Bytes in B, KiB, MiB or GiB, e.g. ``1.50 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,160 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from torch import nn
+
+import dkm_param as dp
+from dkm_param.format import writer
+
+
+def convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+def trained_and_finalized(bits=3, dim=1, codebook_dtype=None, steps=2):
+    model = convnet()
+    dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=bits, dim=dim), small_layer_bits=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    return model, dp.finalize(model, codebook_dtype=codebook_dtype), x
+
+
+def test_finalize_leaves_an_ordinary_model_holding_codebook_values():
+    model, compressed, _ = trained_and_finalized()
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert set(compressed.layers) == {"0.weight", "3.weight", "7.weight"}
+    for name, layer in compressed.layers.items():
+        weight = model.state_dict()[name]
+        assert torch.equal(weight, layer.weight())
+        assert layer.indices.dtype == torch.uint8 and int(layer.indices.max()) < 8
+        assert layer.codebook.shape == (8, 1)
+    assert "1.running_mean" in compressed.tensors and "1.weight" in compressed.tensors
+
+
+def test_finalize_without_registration_is_an_error():
+    with pytest.raises(dp.RegistrationError, match=r"no weight has DKM registered; call dp.register_dkm"):
+        dp.finalize(convnet())
+
+
+@given(bits=st.integers(1, 8), dim=st.sampled_from([1, 2, 4]), half=st.booleans())
+def test_save_load_reproduces_snapped_weights_bit_for_bit(tmp_path_factory, bits, dim, half):
+    model, compressed, x = trained_and_finalized(bits, dim, torch.float16 if half else None, steps=1)
+    path = compressed.save(tmp_path_factory.mktemp("f") / "m.safetensors")
+    fresh = convnet(seed=5).eval()
+    dp.load_compressed(path, fresh)
+    state, loaded = model.state_dict(), fresh.state_dict()
+    assert state.keys() == loaded.keys()
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+    assert torch.equal(fresh(x), model(x))
+    read = dp.read_compressed(path)
+    for name, layer in compressed.layers.items():
+        assert torch.equal(read.layers[name].indices, layer.indices)
+        assert read.layers[name].codebook.dtype == (torch.float16 if half else torch.float32)
+
+
+def test_file_layout_is_documented_safetensors(tmp_path):
+    _, compressed, _ = trained_and_finalized(bits=3)
+    path = compressed.save(tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "dkm-param" and meta["format_version"] == "1"
+        layers = json.loads(meta["layers"])
+        assert layers["3.weight"] == {
+            "shape": [32, 16, 3, 3], "dtype": "float32", "bits": 3, "dim": 1, "vectors": 4608, "packing": "lsb",
+            "group_size": None, "channel_scale": False, "preserve_zeros": False, "layout": "flat",
+        }
+        assert f.get_tensor("3.weight.indices").shape == (4608 * 3 // 8,)
+        assert f.get_tensor("3.weight.codebook").shape == (8, 1)
+        assert "3.bias" in f.keys()
+
+
+def test_summary_counts_codebooks_indices_and_plain_tensors():
+    _, compressed, _ = trained_and_finalized(bits=2)
+    summary = compressed.summary()
+    row = next(r for r in summary.rows if r.name == "3.weight")
+    assert row.bytes_before == 4608 * 4 and row.bytes_after == 4 * 4 + 4608 * 2 // 8
+    assert summary.bytes_before == sum(t.numel() * t.element_size() for t in convnet().state_dict().values())
+    assert summary.ratio == summary.bytes_before / summary.bytes_after
+    text = str(summary)
+    assert "3.weight" in text and "compression" in text and "BatchNorm2d weights are not clustered" in text
+
+
+def test_saved_file_is_the_size_the_summary_reports(tmp_path):
+    _, compressed, _ = trained_and_finalized(bits=4)
+    path = compressed.save(tmp_path / "m.safetensors")
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert os.path.getsize(path) - header == compressed.summary().bytes_after
+
+
+def test_load_into_a_different_model_names_what_differs(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    path = compressed.save(tmp_path / "m.safetensors")
+    other = convnet()
+    other[7] = nn.Linear(128, 11)
+    with pytest.raises(dp.RegistrationError, match=r"shape or dtype differs: 7.weight: file \(10, 128\) vs model \(11, 128\)"):
+        dp.load_compressed(path, other)
+    with pytest.raises(dp.RegistrationError, match=r"0.weight: file torch.float32 vs model torch.float64"):
+        dp.load_compressed(path, convnet().to(torch.float64))
+    extra = nn.Sequential(*convnet(), nn.Linear(10, 2))
+    with pytest.raises(dp.RegistrationError, match=r"missing from the file: 8.bias, 8.weight"):
+        dp.load_compressed(path, extra)
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    _, compressed, _ = trained_and_finalized()
+    path = compressed.save(tmp_path / "m.safetensors")
+    good = path.read_bytes()
+
+    def broken(handle, data):
+        handle.write(data[: len(data) // 2])  # the process dies halfway through the write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "_write_all", broken)
+    with pytest.raises(OSError, match="disk full"):
+        compressed.save(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_tied_weights_are_stored_once_and_restored_tied(tmp_path):
+    from test_register import Tied
+
+    torch.manual_seed(0)
+    model = Tied()
+    dp.register_dkm(model, dp.Policy.from_notation("fc:3/1"))
+    model.eval()
+    compressed = dp.finalize(model)
+    assert compressed.aliases == {"wte.weight": "head.weight"}
+    path = compressed.save(tmp_path / "t.safetensors")
+    fresh = Tied()
+    dp.load_compressed(path, fresh)
+    assert torch.equal(fresh.wte.weight, model.head.weight) and fresh.wte.weight is fresh.head.weight
+
+
+def test_wrong_format_and_future_version_are_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(dp.FormatError, match="format is None, expected 'dkm-param'"):
+        dp.read_compressed(tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "v9.safetensors"), metadata={"format": "dkm-param", "format_version": "9"})
+    with pytest.raises(dp.FormatError, match="format version '9' is not supported"):
+        dp.read_compressed(tmp_path / "v9.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(dp.FormatError, match="not a readable safetensors file"):
+        dp.read_compressed(tmp_path / "junk.safetensors")
