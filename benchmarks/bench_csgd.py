@@ -32,7 +32,11 @@ def digits(side=16, seed=0):
     x_train, x_test, y_train, y_test = train_test_split(
         data.images, data.target, test_size=0.2, stratify=data.target, random_state=seed
     )
-    prep = lambda x: F.interpolate(torch.tensor(x, dtype=torch.float32)[:, None] / 16, size=side, mode="bilinear", align_corners=False)  # noqa: E731
+
+    def prep(x):
+        images = torch.tensor(x, dtype=torch.float32)[:, None] / 16
+        return F.interpolate(images, size=side, mode="bilinear", align_corners=False)
+
     return prep(x_train), torch.tensor(y_train), prep(x_test), torch.tensor(y_test)
 
 
@@ -111,17 +115,29 @@ def run_digits(args):
     print(f"digits: {len(x_train)} train / {len(x_test)} test images, 16x16; float {args.epochs} epochs (Adam), "
           f"C-SGD {args.csgd_epochs} epochs (SGD lr {args.lr}, momentum 0.9, strength {args.strength}); "
           f"training {train_seconds:.0f} s on {torch.get_num_threads()} thread(s)")
-    print(f"largest filter spread within a cluster (relative): {spread_before:.3g} before C-SGD, {spread_after:.3g} after; "
-          f"max |logit difference| thin vs C-SGD model on the test set: {logits_diff:.3g}\n")
+    print(
+        f"largest filter spread within a cluster (relative): {spread_before:.3g} before C-SGD, "
+        f"{spread_after:.3g} after; "
+        f"max |logit difference| thin vs C-SGD model on the test set: {logits_diff:.3g}\n"
+    )
     print("| model | test accuracy % | channels | params | MACs / image | CPU time, 360 images |")
     print("| --- | --- | --- | --- | --- | --- |")
     channels = "/".join(str(m.out_channels) for m in model if isinstance(m, nn.Conv2d))
     thin_channels = "/".join(str(m.out_channels) for m in thinner if isinstance(m, nn.Conv2d))
     print(f"| float | {acc_float:.2f} | {channels} | {count_params(original):,} | {count_macs(original, one):,} | |")
-    print(f"| after C-SGD | {acc_csgd:.2f} | {channels} | {report.params_before:,} | {report.macs_before:,} | {1e3 * t_orig:.2f} ms |")
-    print(f"| after surgery | {acc_thin:.2f} | {thin_channels} | {report.params_after:,} | {report.macs_after:,} | {1e3 * t_thin:.2f} ms |")
-    print(f"\nthin / original: params {report.param_ratio:.3f}, MACs {report.mac_ratio:.3f}, "
-          f"CPU time {ratio:.3f} (median of 21 interleaved runs); accuracy change at surgery {acc_thin - acc_csgd:+.2f} points\n")
+    print(
+        f"| after C-SGD | {acc_csgd:.2f} | {channels} | {report.params_before:,} | {report.macs_before:,} | "
+        f"{1e3 * t_orig:.2f} ms |"
+    )
+    print(
+        f"| after surgery | {acc_thin:.2f} | {thin_channels} | {report.params_after:,} | "
+        f"{report.macs_after:,} | {1e3 * t_thin:.2f} ms |"
+    )
+    print(
+        f"\nthin / original: params {report.param_ratio:.3f}, MACs {report.mac_ratio:.3f}, "
+        f"CPU time {ratio:.3f} (median of 21 interleaved runs); accuracy change at surgery "
+        f"{acc_thin - acc_csgd:+.2f} points\n"
+    )
     return acc_csgd, acc_thin
 
 
@@ -152,9 +168,18 @@ def run_resnet18(args):
           f"{len(plan.skipped())} layers skipped (residual sums, the classifier)\n")
     print("| model | params | MACs (1x3x224x224) | max abs output diff (2 images) | CPU time, 2 images |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| ResNet18, clusters forced equal | {report.params_before:,} | {report.macs_before:,} | | {1e3 * t_orig:.0f} ms |")
-    print(f"| after surgery | {report.params_after:,} | {report.macs_after:,} | {diff:.2g} (outputs up to {y.abs().max().item():.2g}) | {1e3 * t_thin:.0f} ms |")
-    print(f"\nthin / original: params {report.param_ratio:.3f}, MACs {report.mac_ratio:.3f}, CPU time {ratio:.3f} (median of 5 interleaved runs)")
+    print(
+        f"| ResNet18, clusters forced equal | {report.params_before:,} | {report.macs_before:,} | | "
+        f"{1e3 * t_orig:.0f} ms |"
+    )
+    print(
+        f"| after surgery | {report.params_after:,} | {report.macs_after:,} | {diff:.2g} (outputs up to "
+        f"{y.abs().max().item():.2g}) | {1e3 * t_thin:.0f} ms |"
+    )
+    print(
+        f"\nthin / original: params {report.param_ratio:.3f}, MACs {report.mac_ratio:.3f}, CPU time "
+        f"{ratio:.3f} (median of 5 interleaved runs)"
+    )
 
 
 def main():
@@ -162,7 +187,12 @@ def main():
     parser.add_argument("--epochs", type=int, default=15, help="float training epochs (Adam)")
     parser.add_argument("--csgd-epochs", type=int, default=30, help="C-SGD training epochs (SGD with momentum)")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--strength", type=float, default=3.0, help="centripetal strength (the paper's 3e-3 is for ImageNet-length runs)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=3.0,
+        help="centripetal strength (the paper's 3e-3 is for ImageNet-length runs)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-resnet", action="store_true")
     args = parser.parse_args()

@@ -6,8 +6,8 @@ Each case runs each engine in its own subprocess, so that peak memory is clean:
 (on the CPU; the inputs are created, and the engine run once on 4096 vectors to set up
 its libraries, before the first reading; freed memory is then handed back to
 the system and the peak restarted from the current RSS through
-/proc/self/clear_refs; the gradient buffer is part of the step). Time per step is the least of ``--repeats`` steps run after that
-first one (``--ref-repeats`` for the reference, whose steps can take a
+/proc/self/clear_refs; the gradient buffer is part of the step). Time per step is
+the least of ``--repeats`` steps run after that first one (``--ref-repeats`` for the reference, whose steps can take a
 minute): the least disturbed by anything else on the machine.
 
 The codebook and temperature are set up as the parametrization does:

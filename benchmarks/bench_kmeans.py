@@ -9,7 +9,6 @@ The exact dynamic-programming engine is timed on --optimal-n values (it is O(k n
 import argparse
 import time
 
-import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
@@ -36,7 +35,9 @@ def main():
     for k in args.clusters:
         (_, ours), t_ours = timed(lambda: kmeans.kmeans_1d(weights, k))
         model, t_sk = timed(lambda: KMeans(n_clusters=k, n_init=1, random_state=0).fit(weights.numpy().reshape(-1, 1)))
-        print(f"| {k} | {t_ours:.2f} s | {t_sk:.2f} s | {t_sk / t_ours:.1f}x | {ours / model.inertia_:.5f} |", flush=True)
+        print(
+            f"| {k} | {t_ours:.2f} s | {t_sk:.2f} s | {t_sk / t_ours:.1f}x | {ours / model.inertia_:.5f} |", flush=True
+        )
     small = weights[: args.optimal_n]
     print(f"\nExact optimal 1-D k-means on {args.optimal_n:,} values:\n")
     print("| clusters | optimal (DP) | dkm_param Lloyd | inertia Lloyd / optimal |")

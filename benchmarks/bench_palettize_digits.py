@@ -62,8 +62,14 @@ def main():
     calibration = [(train_x[i : i + 64], train_y[i : i + 64]) for i in range(0, 256, 64)]
     sensitivity = dp.fisher(model, calibration)
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(f"digits: {len(train_x)} train / {len(test_x)} test images; float model {base:.2f}% test accuracy, {size / 1024:.1f} KiB\n")
-    print("| bits | per tensor | per group of 4 channels | sensitivity-weighted | compression (per tensor) | time (per tensor) |")
+    print(
+        f"digits: {len(train_x)} train / {len(test_x)} test images; float model {base:.2f}% test accuracy, "
+        f"{size / 1024:.1f} KiB\n"
+    )
+    print(
+        "| bits | per tensor | per group of 4 channels | sensitivity-weighted | compression (per tensor) | "
+        "time (per tensor) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for bits in (4, 3, 2):
         row = []
@@ -77,7 +83,10 @@ def main():
             compressed = dp.palettize(clone, dp.Policy(default=spec, small_layer_bits=None), sensitivity=sens)
             elapsed = time.perf_counter() - start
             row.append((accuracy(clone, test_x, test_y), compressed.summary().ratio, elapsed))
-        print(f"| {bits} | {row[0][0]:.2f}% | {row[1][0]:.2f}% | {row[2][0]:.2f}% | {row[0][1]:.1f}x | {row[0][2] * 1000:.0f} ms |")
+        print(
+            f"| {bits} | {row[0][0]:.2f}% | {row[1][0]:.2f}% | {row[2][0]:.2f}% | {row[0][1]:.1f}x | "
+            f"{row[0][2] * 1000:.0f} ms |"
+        )
     print(f"\nfloat: {base:.2f}%")
 
 

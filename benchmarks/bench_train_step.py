@@ -39,7 +39,6 @@ from torch import nn
 import dkm_param as dp
 from dkm_param.ops import soft as ops_soft
 
-
 clock = time.perf_counter
 
 
@@ -128,7 +127,10 @@ def main() -> None:
             return time.perf_counter()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10).to(device)
-    data = (torch.randn(args.batch, 3, args.size, args.size, device=device), torch.randint(0, 10, (args.batch,), device=device))
+    data = (
+        torch.randn(args.batch, 3, args.size, args.size, device=device),
+        torch.randint(0, 10, (args.batch,), device=device),
+    )
     recorder = Recorder()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(

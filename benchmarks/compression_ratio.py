@@ -30,7 +30,10 @@ def main():
     for arch in args.models:
         for notation in args.policies:
             s = measure(arch, notation)
-            print(f"| {arch} | `{notation}` | {s.bytes_before / 2**20:.2f} MiB | {s.bytes_after / 2**20:.2f} MiB | {s.ratio:.2f}x |")
+            print(
+                f"| {arch} | `{notation}` | {s.bytes_before / 2**20:.2f} MiB | {s.bytes_after / 2**20:.2f} "
+                f"MiB | {s.ratio:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def entry(name: str, obj) -> list[str]:
     lines = [f"### `{name}{signature}`", "", f"*{kind}*", "", inspect.cleandoc(obj.__doc__ or "(no docstring)"), ""]
     if inspect.isclass(obj):
         for member, value in sorted(vars(obj).items()):
-            if member.startswith("_") or not (inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))):
+            if member.startswith("_") or not (
+                inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))
+            ):
                 continue
             func = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
             doc = inspect.getdoc(func.fget if isinstance(func, property) else func)

@@ -36,3 +36,17 @@ def specs(draw, max_bits: int = 4, dim: int | None = None):
         init=draw(st.sampled_from(["kmeans++", "linear", "quantile"])),
         seed=draw(seeds),
     )
+
+
+@st.composite
+def storage_specs(draw, rows: int = 8, max_bits: int = 4):
+    """A StorageSpec that fits a weight of ``rows`` output channels with 12 values each."""
+    preserve_zeros = draw(st.booleans())
+    return dp.StorageSpec(
+        bits=draw(st.integers(min_value=2 if preserve_zeros else 1, max_value=max_bits)),
+        dim=draw(st.sampled_from([1, 2, 4])),
+        group_size=draw(st.sampled_from([None, rows, rows // 2])),
+        channel_scale=draw(st.booleans()),
+        preserve_zeros=preserve_zeros,
+        layout=draw(st.sampled_from(["flat", "input"])),
+    )

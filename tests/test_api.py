@@ -4,11 +4,39 @@ import sys
 import dkm_param as dp
 
 PUBLIC = {
-    "CompressedLayer", "CompressedModel", "DKMError", "DKMParametrization", "FormatError", "LayerPlan",
-    "LayerSpec", "StorageSpec", "TrainingSpec", "Plan", "Policy", "RegistrationError", "SpecError", "Summary", "finalize",
-    "load_compressed", "read_compressed", "palettize", "fisher",
-    "CSGDSpec", "CentripetalSGD", "FilterPlan", "FilterRow", "SurgeryError", "ThinReport",
-    "cluster_filters", "collapse_", "count_macs", "thin", "CodebookParametrization", "finetune_codebooks", "register_dkm", "remove_dkm",
+    "CompressedLayer",
+    "CompressedModel",
+    "DKMError",
+    "DKMParametrization",
+    "FormatError",
+    "LayerPlan",
+    "LayerSpec",
+    "StorageSpec",
+    "TrainingSpec",
+    "Plan",
+    "Policy",
+    "RegistrationError",
+    "SpecError",
+    "Summary",
+    "finalize",
+    "load_compressed",
+    "read_compressed",
+    "palettize",
+    "fisher",
+    "CSGDSpec",
+    "CentripetalSGD",
+    "FilterPlan",
+    "FilterRow",
+    "SurgeryError",
+    "ThinReport",
+    "cluster_filters",
+    "collapse_",
+    "count_macs",
+    "thin",
+    "CodebookParametrization",
+    "finetune_codebooks",
+    "register_dkm",
+    "remove_dkm",
 }
 
 
@@ -27,7 +55,8 @@ def test_import_is_light():
     code = (
         "import sys, torch; before = set(sys.modules); import dkm_param;"
         "added = set(sys.modules) - before;"
-        "heavy = [m for m in ('torchvision', 'matplotlib', 'sklearn', 'transformers', 'hypothesis', 'tqdm', 'rich') if m in added];"
+        "heavy = [m for m in ('torchvision', 'matplotlib', 'sklearn', 'transformers', 'hypothesis', 'tqdm', "
+        "'rich') if m in added];"
         "print(heavy, torch.cuda.is_initialized())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

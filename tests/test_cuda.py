@@ -4,12 +4,11 @@ autocast). Skipped where torch sees no GPU (CI has none)."""
 
 import pytest
 import torch
+from test_soft import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, run
 from torch import nn
 
 import dkm_param as dp
 from dkm_param.ops import soft
-
-from test_soft import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

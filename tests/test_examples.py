@@ -14,7 +14,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     "script, argv",
     [
         ("dkm_training_loop.py", ["--epochs", "1", "--out", "digits.safetensors"]),
-        ("palettize_torchvision.py", ["--model", "mobilenet_v2", "--policy", "cv:2/1, fc:2/1", "--out", "m.safetensors"]),
+        (
+            "palettize_torchvision.py",
+            ["--model", "mobilenet_v2", "--policy", "cv:2/1, fc:2/1", "--out", "m.safetensors"],
+        ),
     ],
 )
 def test_example_runs(script, argv, tmp_path, monkeypatch, capsys):

@@ -30,7 +30,13 @@ def test_notation_builds_one_spec_per_kind():
 
 @pytest.mark.parametrize(
     "notation, words",
-    [("cv:4", "write kind:bits/dim"), ("xx:4/1", "unknown kind 'xx'"), ("cv:4/1, cv:2/1", "appears twice"), ("", "names no layer kind"), ("cv:9/1", "bits must be in 1..8")],
+    [
+        ("cv:4", "write kind:bits/dim"),
+        ("xx:4/1", "unknown kind 'xx'"),
+        ("cv:4/1, cv:2/1", "appears twice"),
+        ("", "names no layer kind"),
+        ("cv:9/1", "bits must be in 1..8"),
+    ],
 )
 def test_bad_notation_is_rejected(notation, words):
     with pytest.raises(dp.SpecError, match=words):

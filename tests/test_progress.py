@@ -53,7 +53,10 @@ def test_tqdm_disable_silences_even_a_forced_bar():
     import sys
 
     pytest.importorskip("tqdm")
-    code = "from dkm_param.progress import track; print(list(track(range(3), total=3, desc='layers', enabled=True, delay=0)))"
+    code = (
+        "from dkm_param.progress import track;"
+        "print(list(track(range(3), total=3, desc='layers', enabled=True, delay=0)))"
+    )
     env = dict(os.environ, TQDM_DISABLE="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "[0, 1, 2]" and "layers" not in done.stderr

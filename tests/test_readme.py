@@ -31,11 +31,22 @@ def test_readme_shows_the_numpy_decoder_verbatim():
 def test_numpy_decoder_matches_the_library(tmp_path, codebook_dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(8, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5)
+        torch.nn.Conv2d(8, 6, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 4 * 4, 30),
+        torch.nn.ReLU(),
+        torch.nn.Linear(30, 5),
     )
     model.insert(0, torch.nn.Unflatten(1, (8, 6, 6)))
     grouped = dp.LayerSpec(bits=2, group_size=1, channel_scale=True)
-    dp.register_dkm(model, dp.Policy(kinds={"fc": dp.LayerSpec(bits=3, dim=2)}, overrides={"5": grouped, "1": dp.LayerSpec(bits=3, dim=4, layout="input")}, small_layer_bits=None))
+    dp.register_dkm(
+        model,
+        dp.Policy(
+            kinds={"fc": dp.LayerSpec(bits=3, dim=2)},
+            overrides={"5": grouped, "1": dp.LayerSpec(bits=3, dim=4, layout="input")},
+            small_layer_bits=None,
+        ),
+    )
     model.eval()
     path = dp.finalize(model, codebook_dtype=codebook_dtype).save(tmp_path / "m.safetensors")
     decode = runpy.run_path(str(ROOT / "examples" / "decode_numpy.py"))["decode"]

@@ -166,7 +166,9 @@ class Policy:
         for part in filter(None, (p.strip() for p in notation.split(","))):
             match = re.fullmatch(r"(\w+)\s*:\s*(\d+)\s*/\s*(\d+)", part)
             if not match:
-                raise SpecError(f"cannot read {part!r} in policy notation {notation!r}; write kind:bits/dim, e.g. 'cv:4/1'")
+                raise SpecError(
+                    f"cannot read {part!r} in policy notation {notation!r}; write kind:bits/dim, e.g. 'cv:4/1'"
+                )
             kind, bits, dim = match.group(1), int(match.group(2)), int(match.group(3))
             if kind not in KINDS:
                 raise SpecError(f"unknown kind {kind!r} in policy notation {notation!r}; kinds are {', '.join(KINDS)}")
@@ -291,6 +293,9 @@ def _tie(rows: list[LayerPlan], candidates: list[tuple[str, nn.Module, Any]]) ->
         for i in members:
             if i != lead:
                 out[i] = dataclasses.replace(
-                    rows[i], spec=rows[lead].spec, reason=f"shares its weight with '{rows[lead].name}'", tied_to=rows[lead].name
+                    rows[i],
+                    spec=rows[lead].spec,
+                    reason=f"shares its weight with '{rows[lead].name}'",
+                    tied_to=rows[lead].name,
                 )
     return out

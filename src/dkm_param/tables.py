@@ -21,7 +21,9 @@ def render_table(
     right = set(right)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
         for row in table
     ]
     rule = "-" * max(map(len, lines))

@@ -125,14 +125,18 @@ def test_compress_loads_trained_weights_first(capsys, tmp_path):
         assert status == 0
         assert torch.equal(dp.read_compressed(out_path).state_dict()["weight"], expected["weight"])
     save_file({"weight": torch.zeros(3)}, tmp_path / "other.safetensors")
-    status, _, err = run(capsys, "compress", *LINEAR, "--weights", tmp_path / "other.safetensors", "--out", tmp_path / "x")
+    status, _, err = run(
+        capsys, "compress", *LINEAR, "--weights", tmp_path / "other.safetensors", "--out", tmp_path / "x"
+    )
     assert_clean_error(status, err, "does not fit MODEL", "bias")
 
 
 def test_compress_with_dkm_snap_and_a_plot(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     out_path, png = tmp_path / "snap.safetensors", tmp_path / "snap.png"
-    status, out, _ = run(capsys, "compress", *LINEAR, "--method", "dkm-snap", "--out", out_path, "--plot", png, "--quiet")
+    status, out, _ = run(
+        capsys, "compress", *LINEAR, "--method", "dkm-snap", "--out", out_path, "--plot", png, "--quiet"
+    )
     assert status == 0 and f"wrote {png}" in out
     compressed = dp.read_compressed(out_path)
     assert compressed.layers["weight"].spec.bits == 4

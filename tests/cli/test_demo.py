@@ -41,7 +41,9 @@ def test_digits_split_is_stratified_and_held_out():
 @pytest.mark.slow
 def test_demo_command_prints_the_table_and_writes_its_files(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--epochs", "1", "--dkm-epochs", "1", "--bits", "3", "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        cli.main(["demo", "--epochs", "1", "--dkm-epochs", "1", "--bits", "3", "--seed", "1", "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "digits: 1347 training / 450 held-out test images" in printed
     assert "DKM, 3 bits (1 epoch)" in printed and "compression" in printed

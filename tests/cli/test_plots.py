@@ -45,7 +45,10 @@ def test_layer_plot_with_float_weights_is_a_png(tmp_path, compressed):
 def test_layer_plot_of_grouped_scaled_vectors_compares_models(tmp_path, compressed):
     float_model, palettized = compressed
     path = plots.plot_layer(
-        {"k-means": palettized, "again": palettized}, tmp_path / "l.png", name="4.weight", weights=float_model.state_dict()
+        {"k-means": palettized, "again": palettized},
+        tmp_path / "l.png",
+        name="4.weight",
+        weights=float_model.state_dict(),
     )
     assert is_png(path)
 

@@ -58,7 +58,9 @@ def test_pinned_zero_stays_zero_while_finetuning():
     with torch.no_grad():
         model[2].weight.mul_(torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) > 0.5)
     zeros = model[2].weight == 0
-    compressed = dp.palettize(model, dp.Policy(default=dp.LayerSpec(bits=3, preserve_zeros=True), small_layer_bits=None))
+    compressed = dp.palettize(
+        model, dp.Policy(default=dp.LayerSpec(bits=3, preserve_zeros=True), small_layer_bits=None)
+    )
     opt = torch.optim.SGD(dp.finetune_codebooks(model, compressed), lr=0.5)
     for _ in range(3):
         opt.zero_grad()

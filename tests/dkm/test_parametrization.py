@@ -4,9 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dkm_param as dp
-from dkm_param.ops import soft
-from dkm_param.ops import kmeans
-
+from dkm_param.ops import kmeans, soft
 from strategies import scales, specs, weights
 
 

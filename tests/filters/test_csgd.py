@@ -7,12 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dkm_param.filters.csgd import CentripetalSGD, CSGDSpec, FilterPlan, centripetal_gradient, cluster_filters, cluster_rows, collapse_
 from dkm_param.errors import SpecError
+from dkm_param.filters.csgd import (
+    CentripetalSGD,
+    CSGDSpec,
+    FilterPlan,
+    centripetal_gradient,
+    cluster_filters,
+    cluster_rows,
+    collapse_,
+)
 from dkm_param.filters.thinning import thin
-
 from strategies import seeds
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,7 +219,9 @@ def test_bias_and_batch_norm_get_a_tenth_of_the_strength():
     transform.apply()  # no gradient: the pull alone
     labels = torch.tensor(plan.row("0").labels)
     torch.testing.assert_close(model[1].bias.grad, centripetal_gradient(model[1].bias, torch.zeros(8), labels, 4, 0.03))
-    torch.testing.assert_close(model[0].weight.grad, centripetal_gradient(model[0].weight, torch.zeros_like(model[0].weight), labels, 4, 0.3))
+    torch.testing.assert_close(
+        model[0].weight.grad, centripetal_gradient(model[0].weight, torch.zeros_like(model[0].weight), labels, 4, 0.3)
+    )
 
 
 def test_register_warns_when_weight_decay_would_count_twice():

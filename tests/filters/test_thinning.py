@@ -8,12 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dkm_param.errors import DKMError, SpecError, SurgeryError
 from dkm_param.filters.csgd import CSGDSpec, cluster_filters, collapse_
-from dkm_param.errors import DKMError, SpecError
-from dkm_param.errors import SurgeryError
 from dkm_param.filters.routes import out_channels, routes
 from dkm_param.filters.thinning import count_macs, count_params, thin
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +132,9 @@ def test_linear_layers_thin_when_asked():
 
 def test_resnet18_inner_convolutions_keep_the_outputs():
     torch.manual_seed(3)
-    plan, _, report = check_thin(torchvision.models.resnet18(num_classes=10), CSGDSpec(ratio=5 / 8), torch.randn(2, 3, 32, 32))
+    plan, _, report = check_thin(
+        torchvision.models.resnet18(num_classes=10), CSGDSpec(ratio=5 / 8), torch.randn(2, 3, 32, 32)
+    )
     assert {r.name for r in plan.clustered()} == {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}
     assert "residual sum" in plan.row("layer1.0.conv2").reason
     assert "residual sum" in plan.row("layer2.0.downsample.0").reason
@@ -144,7 +144,9 @@ def test_resnet18_inner_convolutions_keep_the_outputs():
 @pytest.mark.slow
 def test_resnet50_inner_convolutions_keep_the_outputs():
     torch.manual_seed(4)
-    plan, _, report = check_thin(torchvision.models.resnet50(num_classes=10), CSGDSpec(ratio=5 / 8), torch.randn(2, 3, 32, 32))
+    plan, _, report = check_thin(
+        torchvision.models.resnet50(num_classes=10), CSGDSpec(ratio=5 / 8), torch.randn(2, 3, 32, 32)
+    )
     names = {r.name for r in plan.clustered()}
     assert "layer1.0.conv1" in names and "layer1.0.conv2" in names and "layer1.0.conv3" not in names
     assert len(names) == 2 * 16 + 1  # the stem feeds two convolutions (layer1.0.conv1 and its downsample), no sum
@@ -171,7 +173,9 @@ def test_thin_model_computes_the_same_function(widths, ratio, seed):
 
 
 def test_layer_feeding_a_residual_sum_is_refused_when_named():
-    with pytest.raises(SpecError, match=r"layer 'b' \(Conv2d, 4 channels\).*residual sum \(add\).*skip it with channels=\{'b': None\}"):
+    with pytest.raises(
+        SpecError, match=r"layer 'b' \(Conv2d, 4 channels\).*residual sum \(add\).*skip it with channels=\{'b': None\}"
+    ):
         cluster_filters(Residual(), CSGDSpec(ratio=None, channels={"b": 2}))
     plan = cluster_filters(Residual(), CSGDSpec(ratio=0.5))
     assert [r.name for r in plan.clustered()] == ["a"]
@@ -185,7 +189,9 @@ def test_layer_feeding_a_concatenation_is_refused_when_named():
 
 
 def test_grouped_and_depthwise_convolutions_are_refused():
-    depthwise = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1), nn.Flatten())
+    depthwise = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1), nn.Flatten()
+    )
     found = routes(depthwise)
     assert "groups=8 (grouped or depthwise)" in found["0"].reason
     assert "groups=8; removing output channels" in found["2"].reason
@@ -261,7 +267,9 @@ def test_thin_refuses_a_plan_for_another_model():
 
 
 def test_count_macs_matches_a_hand_count():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+    )
     model.train()
     expected = 6 * 6 * 8 * 3 * 9 + 4 * 4 * 8 * 4 * 9 + 128 * 10
     assert count_macs(model, torch.randn(1, 3, 6, 6)) == expected

@@ -106,7 +106,9 @@ def test_load_into_a_different_model_names_what_differs(tmp_path):
     path = compressed.save(tmp_path / "m.safetensors")
     other = convnet()
     other[7] = nn.Linear(128, 11)
-    with pytest.raises(dp.RegistrationError, match=r"shape or dtype differs: 7.weight: file \(10, 128\) vs model \(11, 128\)"):
+    with pytest.raises(
+        dp.RegistrationError, match=r"shape or dtype differs: 7.weight: file \(10, 128\) vs model \(11, 128\)"
+    ):
         dp.load_compressed(path, other)
     with pytest.raises(dp.RegistrationError, match=r"0.weight: file torch.float32 vs model torch.float64"):
         dp.load_compressed(path, convnet().to(torch.float64))
@@ -152,7 +154,9 @@ def test_wrong_format_and_future_version_are_rejected(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(dp.FormatError, match="format is None, expected 'dkm-param'"):
         dp.read_compressed(tmp_path / "plain.safetensors")
-    save_file({"x": torch.zeros(2)}, str(tmp_path / "v9.safetensors"), metadata={"format": "dkm-param", "format_version": "9"})
+    save_file(
+        {"x": torch.zeros(2)}, str(tmp_path / "v9.safetensors"), metadata={"format": "dkm-param", "format_version": "9"}
+    )
     with pytest.raises(dp.FormatError, match="format version '9' is not supported"):
         dp.read_compressed(tmp_path / "v9.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)

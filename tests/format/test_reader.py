@@ -87,10 +87,25 @@ def test_metadata_mutations_are_validated_before_allocation(valid_file, tmp_path
     header, payload = split(valid_file)
     meta = header["__metadata__"]
     layers = json.loads(meta["layers"])
-    target = data.draw(st.sampled_from(["layer field", "format", "version", "layers json", "aliases", "drop tensor", "tensor dtype", "tensor shape"]))
+    target = data.draw(
+        st.sampled_from(
+            [
+                "layer field",
+                "format",
+                "version",
+                "layers json",
+                "aliases",
+                "drop tensor",
+                "tensor dtype",
+                "tensor shape",
+            ]
+        )
+    )
     if target == "layer field":
         name = data.draw(st.sampled_from(sorted(layers)))
-        layers[name][data.draw(st.sampled_from(["shape", "bits", "dim", "vectors", "dtype", "packing"]))] = data.draw(FIELD_VALUES)
+        layers[name][data.draw(st.sampled_from(["shape", "bits", "dim", "vectors", "dtype", "packing"]))] = data.draw(
+            FIELD_VALUES
+        )
         meta["layers"] = json.dumps(layers)
     elif target == "format":
         meta["format"] = data.draw(st.text(max_size=12))
@@ -122,8 +137,8 @@ def test_absurd_shape_is_refused_without_allocating(valid_file, tmp_path):
 
 
 def test_out_of_range_indices_and_non_finite_codebooks_are_rejected(valid_file, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     (tmp_path / "v.safetensors").write_bytes(valid_file)
     with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:

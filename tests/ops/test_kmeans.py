@@ -4,7 +4,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dkm_param.ops import kmeans
-
 from strategies import dims, seeds
 
 

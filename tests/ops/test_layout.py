@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 import dkm_param as dp
 from dkm_param.ops import layout
 from dkm_param.posttrain.palettize import cluster_weight
-
 from strategies import seeds
 
 shapes = st.sampled_from([(12, 8), (6, 4, 3, 3), (8, 8, 1, 1), (4, 8, 2), (16,)])

@@ -13,9 +13,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dkm_param.ops import _engine, soft
-from dkm_param.ops import kmeans
-
+from dkm_param.ops import _engine, kmeans, soft
 from strategies import bits, dims, seeds, weights
 
 TIGHT = 1e-9  # float64
@@ -200,7 +198,9 @@ def test_windows_attend_to_few_centroids_and_match_reference():
     assert_same_step(got, ref)
 
 
-@pytest.mark.parametrize("dtype, output, gradient", [(torch.float64, TIGHT, TIGHT), (torch.float32, OUTPUT_32, GRADIENT_32)])
+@pytest.mark.parametrize(
+    "dtype, output, gradient", [(torch.float64, TIGHT, TIGHT), (torch.float32, OUTPUT_32, GRADIENT_32)]
+)
 @pytest.mark.parametrize("b, settled", [(4, False), (4, True), (6, False)])
 def test_narrow_chunks_written_around_their_middle_match_reference(dtype, output, gradient, b, settled):
     # narrow chunks (most of a layer's) take the matmul form around their middle value,
@@ -249,7 +249,9 @@ def test_scratch_blocks_are_reused_and_change_nothing():
     run(soft.soft_cluster, other, *realistic_start(other, 8)[:2], 3, 0.0)
     run(soft.soft_cluster, first[:777], *realistic_start(first[:777], 4)[:2], 3, 0.0)
     after = run(soft.soft_cluster, *problem)
-    assert before[2] == after[2] and all(torch.equal(a, b) for a, b in zip(before[:2] + before[3:], after[:2] + after[3:]))
+    assert before[2] == after[2] and all(
+        torch.equal(a, b) for a, b in zip(before[:2] + before[3:], after[:2] + after[3:])
+    )
     kept = [key for key in pool if key[2] == torch.float32]
     assert kept and all(_engine._LOCAL.pool[key] is pool[key] for key in kept)  # not allocated again
     assert all(buffer.numel() <= _engine.CHUNK_ELEMENTS for buffer in _engine._LOCAL.pool.values())
@@ -296,7 +298,9 @@ def test_light_cluster_attends_to_every_vector():
     codebook[0] = vectors.max() + 12 * tau**0.5
     budget = 1 << 12
     rows = vectors[_engine._value_order(vectors[:, 0]), 0][None]
-    windowed, _, _ = _engine._centroid_stats(rows, codebook, tau, _engine._window_plan(rows[0], codebook, tau, budget), False)
+    windowed, _, _ = _engine._centroid_stats(
+        rows, codebook, tau, _engine._window_plan(rows[0], codebook, tau, budget), False
+    )
     assert windowed[0] == 0
     ref = run(soft.soft_cluster_reference, vectors, codebook, tau, 4, 0.0)
     got = run(soft.soft_cluster, vectors, codebook, tau, 4, 0.0, chunk_elements=budget)

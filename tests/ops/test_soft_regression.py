@@ -13,7 +13,13 @@ DATA = Path(__file__).parents[1] / "data"
 def load(name):
     with safe_open(str(DATA / name), "pt") as f:
         meta = f.metadata()
-        return f.get_tensor("vectors"), f.get_tensor("codebook"), float(meta["tau"]), int(meta["max_iter"]), float(meta["epsilon"])
+        return (
+            f.get_tensor("vectors"),
+            f.get_tensor("codebook"),
+            float(meta["tau"]),
+            int(meta["max_iter"]),
+            float(meta["epsilon"]),
+        )
 
 
 def test_clusters_with_almost_no_mass_do_not_overflow_the_gradient():

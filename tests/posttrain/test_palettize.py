@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dkm_param as dp
-
 from strategies import seeds
 
 
@@ -127,7 +126,11 @@ def test_snapped_weights_still_get_a_usable_temperature():
 def test_errors_name_the_problem():
     model = mlp()
     with pytest.raises(dp.RegistrationError, match="seeding codebook has shape"):
-        dp.register_dkm(mlp(), dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None), init=dp.palettize(model, POLICY, inplace=False))
+        dp.register_dkm(
+            mlp(),
+            dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None),
+            init=dp.palettize(model, POLICY, inplace=False),
+        )
     with pytest.raises(dp.DKMError, match=r"layer '2': sensitivity has shape \(3,\)"):
         dp.palettize(model, POLICY, sensitivity={"2": torch.ones(3)})
     dp.register_dkm(model, POLICY)
@@ -152,7 +155,10 @@ def test_per_group_codebooks_never_fit_worse_than_one_per_tensor(seed, bits, gro
 def test_channel_scale_decodes_as_scale_times_codebook():
     from dkm_param.posttrain.palettize import cluster_weight
 
-    weight = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1e-2, 1.0, 10.0, 100.0, 0.0])[:, None]
+    weight = (
+        torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+        * torch.tensor([1e-3, 1e-2, 1.0, 10.0, 100.0, 0.0])[:, None]
+    )
     layer = cluster_weight(weight, dp.LayerSpec(bits=3, channel_scale=True))
     assert layer.scale.shape == (6,) and layer.scale[5] == 1.0  # an all-zero channel keeps scale 1
     decoded = layer.weight()
@@ -164,7 +170,14 @@ def test_channel_scale_decodes_as_scale_times_codebook():
     assert ((unscaled - weight)[0].norm() / weight[0].norm()) > 0.9  # one codebook cannot serve 1e-3 and 100
 
 
-@pytest.mark.parametrize("spec", [dp.LayerSpec(bits=2, group_size=4), dp.LayerSpec(bits=2, dim=2, channel_scale=True), dp.LayerSpec(bits=3, group_size=8, channel_scale=True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dp.LayerSpec(bits=2, group_size=4),
+        dp.LayerSpec(bits=2, dim=2, channel_scale=True),
+        dp.LayerSpec(bits=3, group_size=8, channel_scale=True),
+    ],
+)
 def test_dkm_with_groups_and_scales_trains_finalizes_and_round_trips(spec, tmp_path):
     model = mlp()
     dp.register_dkm(model, dp.Policy(default=spec, small_layer_bits=None))

@@ -95,7 +95,9 @@ def _run(
 ) -> DemoResult:
     say = log or (lambda line: None)
     show_bars = None if log is not None else False
-    policy = Policy.from_notation(f"cv:{bits}/1, fc:{bits}/1", small_layer_bits=None)  # a bad `bits` fails here, before training
+    policy = Policy.from_notation(
+        f"cv:{bits}/1, fc:{bits}/1", small_layer_bits=None
+    )  # a bad `bits` fails here, before training
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = load_digits_split(seed)
@@ -126,7 +128,10 @@ def _run(
     palettize_seconds = time.perf_counter() - start
     say(f"palettize: k-means at {_bits(bits)}, no training ({palettize_seconds:.1f} s)")
 
-    files = {"dkm": dkm_model.save(out / "dkm.safetensors"), "palettized": palettized.save(out / "palettized.safetensors")}
+    files = {
+        "dkm": dkm_model.save(out / "dkm.safetensors"),
+        "palettized": palettized.save(out / "palettized.safetensors"),
+    }
     # accuracy of what the files hold, loaded into fresh networks
     dkm_accuracy = accuracy(load_compressed(files["dkm"], small_cnn()), test_x, test_y)
     palettized_accuracy = accuracy(load_compressed(files["palettized"], small_cnn()), test_x, test_y)
@@ -134,7 +139,9 @@ def _run(
     summary = dkm_model.summary()
     rows = [
         DemoRow("float32", float_accuracy, summary.bytes_before, 1.0, float_seconds),
-        DemoRow(f"DKM, {_bits(bits)} ({_epochs(dkm_epochs)})", dkm_accuracy, summary.bytes_after, summary.ratio, dkm_seconds),
+        DemoRow(
+            f"DKM, {_bits(bits)} ({_epochs(dkm_epochs)})", dkm_accuracy, summary.bytes_after, summary.ratio, dkm_seconds
+        ),
         DemoRow(
             f"palettize, {_bits(bits)} (no training)",
             palettized_accuracy,
@@ -164,7 +171,9 @@ def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ModuleNotFoundError("the demo needs scikit-learn; install it with pip install 'dkm-param[demo]'") from None
+        raise ModuleNotFoundError(
+            "the demo needs scikit-learn; install it with pip install 'dkm-param[demo]'"
+        ) from None
     digits = load_digits()  # shipped with scikit-learn: nothing is downloaded
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     labels = torch.tensor(digits.target)
@@ -184,7 +193,9 @@ def small_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float, desc: str = "", enabled: bool | None = None) -> None:
+def fit(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float, desc: str = "", enabled: bool | None = None
+) -> None:
     """An ordinary training loop: Adam, cross entropy, shuffled batches of 64."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

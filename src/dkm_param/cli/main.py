@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--epochs", type=_positive, default=15, help="float training epochs (default 15)")
     demo.add_argument("--dkm-epochs", type=_positive, default=4, help="DKM fine-tuning epochs (default 4)")
-    demo.add_argument("--bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="bits per weight (default 2)")
+    demo.add_argument(
+        "--bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="bits per weight (default 2)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed of the data split and training (default 0)")
     demo.add_argument("--out", type=Path, default=Path("dkm-demo"), help="output directory (default ./dkm-demo)")
     demo.add_argument("--quiet", action="store_true", help="print only the results table")
@@ -127,12 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="palettize: post-training k-means (default); dkm-snap: register DKM and snap to its "
         "initial centroids, without training",
     )
-    compress.add_argument("--kwargs", default="{}", metavar="JSON", help='keyword arguments for MODEL, e.g. \'{"num_classes": 10}\'')
     compress.add_argument(
-        "--weights", type=Path, metavar="STATE_DICT", help="trained weights to load first: a state_dict in .safetensors or .pt"
+        "--kwargs", default="{}", metavar="JSON", help="keyword arguments for MODEL, e.g. '{\"num_classes\": 10}'"
+    )
+    compress.add_argument(
+        "--weights",
+        type=Path,
+        metavar="STATE_DICT",
+        help="trained weights to load first: a state_dict in .safetensors or .pt",
     )
     compress.add_argument("--seed", type=int, default=0, help="torch seed before MODEL is built (default 0)")
-    compress.add_argument("--plot", type=Path, metavar="PNG", help="also save a plot of the largest layer and the sizes")
+    compress.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also save a plot of the largest layer and the sizes"
+    )
     compress.add_argument("--quiet", action="store_true", help="do not print the summary")
     compress.set_defaults(command=_compress)
 
@@ -143,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("model", metavar="MODEL", help=model_help)
     plan.add_argument("--policy", default="cv:4/1, fc:4/1", help=policy_help)
-    plan.add_argument("--kwargs", default="{}", metavar="JSON", help='keyword arguments for MODEL, e.g. \'{"num_classes": 10}\'')
+    plan.add_argument(
+        "--kwargs", default="{}", metavar="JSON", help="keyword arguments for MODEL, e.g. '{\"num_classes\": 10}'"
+    )
     plan.set_defaults(command=_plan)
     return parser
 
@@ -281,11 +292,15 @@ def _build_model(target: str, kwargs_json: str) -> nn.Module:
             raise CommandError(f"MODEL {target!r}: {module_name!r} has no attribute {attr!r}{hint}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise CommandError(f"MODEL {target!r}: {attr!r} is a {type(factory).__name__}, not a callable that builds a model")
+        raise CommandError(
+            f"MODEL {target!r}: {attr!r} is a {type(factory).__name__}, not a callable that builds a model"
+        )
     try:
         model = factory(**kwargs)
     except Exception as exc:  # the user's code: report it in one line, the way any other input problem is
-        raise CommandError(f"MODEL {target!r}: calling it with --kwargs {kwargs_json} failed: {type(exc).__name__}: {exc}") from None
+        raise CommandError(
+            f"MODEL {target!r}: calling it with --kwargs {kwargs_json} failed: {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise CommandError(f"MODEL {target!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -308,21 +323,27 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         except FileNotFoundError:
             raise
         except Exception as exc:  # pickles of anything but tensors are refused by weights_only
-            raise CommandError(f"--weights {path}: cannot read a state_dict from it ({type(exc).__name__}: {exc})") from None
+            raise CommandError(
+                f"--weights {path}: cannot read a state_dict from it ({type(exc).__name__}: {exc})"
+            ) from None
     if not isinstance(state, dict):
         raise CommandError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # torch lists the missing, unexpected and mis-shaped keys
         first = str(exc).strip().splitlines()
-        raise CommandError(f"--weights {path} does not fit MODEL: {' '.join(line.strip() for line in first[:4])}") from None
+        raise CommandError(
+            f"--weights {path} does not fit MODEL: {' '.join(line.strip() for line in first[:4])}"
+        ) from None
 
 
 def _kwargs(text: str) -> dict[str, Any]:
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CommandError(f"--kwargs {text!r} is not valid JSON ({exc}); write e.g. '{{\"num_classes\": 10}}'") from None
+        raise CommandError(
+            f"--kwargs {text!r} is not valid JSON ({exc}); write e.g. '{{\"num_classes\": 10}}'"
+        ) from None
     if not isinstance(kwargs, dict):
         raise CommandError(f"--kwargs must be a JSON object of keyword arguments, got {text!r}")
     return kwargs

@@ -111,7 +111,13 @@ def _draw_layer(axes, models: dict[str, CompressedModel], name, weights, bins) -
         color = colors[i % len(colors)]
         if given is not None and len(centroids) <= _MAX_LINES:
             for j, value in enumerate(centroids):
-                axes.axvline(value, color=color, linestyle=styles[i % len(styles)], linewidth=1.2, label=legend if j == 0 else None)
+                axes.axvline(
+                    value,
+                    color=color,
+                    linestyle=styles[i % len(styles)],
+                    linewidth=1.2,
+                    label=legend if j == 0 else None,
+                )
         else:  # a rug along the axis: full-height lines would hide the counts or, by the hundred, the histogram
             axes.plot(centroids, [0.03 + 0.05 * i] * len(centroids), "|", color=color, markersize=10,
                       transform=axes.get_xaxis_transform(), label=legend)
@@ -135,7 +141,13 @@ def _draw_bits(axes, rows) -> None:
     positions = range(len(rows))
     axes.barh(positions, [b or 0 for b in bits], color="tab:blue")
     for y, value in zip(positions, bits):
-        axes.text(value or 0, y, f" {value:.2f}" if value is not None else " stored as they are", va="center", fontsize="small")
+        axes.text(
+            value or 0,
+            y,
+            f" {value:.2f}" if value is not None else " stored as they are",
+            va="center",
+            fontsize="small",
+        )
     axes.set_yticks(list(positions), names, fontsize="small")
     axes.invert_yaxis()  # first layer on top
     axes.set_xlim(0, max((b for b in bits if b is not None), default=1) * 1.3)
@@ -196,7 +208,9 @@ def _layer_key(model: CompressedModel, name: str | None) -> str:
     for key in (name, f"{name}.weight"):
         if key in model.layers:
             return key
-    raise DKMError(f"no clustered layer {name!r}; the model's clustered layers are {', '.join(map(_short, model.layers))}")
+    raise DKMError(
+        f"no clustered layer {name!r}; the model's clustered layers are {', '.join(map(_short, model.layers))}"
+    )
 
 
 def _float_weight(weights: Weights, key: str) -> Tensor | None:

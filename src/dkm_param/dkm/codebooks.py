@@ -60,7 +60,9 @@ class CodebookParametrization(nn.Module):
         return book
 
     def forward(self, weight: Tensor) -> Tensor:
-        return layout.decode(self._codebook(), self.indices, tuple(weight.shape), weight.dtype, self.scale, self.spec.layout)
+        return layout.decode(
+            self._codebook(), self.indices, tuple(weight.shape), weight.dtype, self.scale, self.spec.layout
+        )
 
     def export_layer(self, weight: Tensor, stored: torch.dtype) -> CompressedLayer:
         """The codebook rounded to ``stored`` with the frozen assignments; leaves the parametrization as it is."""
@@ -99,7 +101,9 @@ def finetune_codebooks(model: nn.Module, compressed: CompressedModel) -> list[nn
             try:
                 module = model.get_submodule(target)
             except AttributeError:
-                raise RegistrationError(f"layer '{target}' of the compressed model is not a module of this model") from None
+                raise RegistrationError(
+                    f"layer '{target}' of the compressed model is not a module of this model"
+                ) from None
             if parametrize.is_parametrized(module, "weight"):
                 raise RegistrationError(
                     f"layer '{target}': its weight already has a parametrization; finalize or remove it first"

@@ -105,7 +105,9 @@ class DKMParametrization(nn.Module):
     def grouped(self, weight: Tensor) -> Tensor:
         """The weight as (groups, n, d) vectors in the clustering dtype, scaled per channel."""
         spec = self.spec
-        return layout.grouped_vectors(weight.to(self.codebook.dtype), spec.dim, spec.group_size, self.scale, spec.layout)
+        return layout.grouped_vectors(
+            weight.to(self.codebook.dtype), spec.dim, spec.group_size, self.scale, spec.layout
+        )
 
     def assign(self, weight: Tensor, codebook: Tensor | None = None) -> Tensor:
         """Index of the nearest centroid of every vector, groups in order.  # (n,)

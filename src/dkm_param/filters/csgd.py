@@ -65,7 +65,9 @@ class CSGDSpec:
         if self.ratio is not None and not (_is_real(self.ratio) and 0 < self.ratio <= 1):
             raise SpecError(f"ratio must be a number in (0, 1] or None, got {self.ratio!r}")
         if not isinstance(self.channels, Mapping):
-            raise SpecError(f"channels must map layer names to a count, a ratio or None, got {type(self.channels).__name__}")
+            raise SpecError(
+                f"channels must map layer names to a count, a ratio or None, got {type(self.channels).__name__}"
+            )
         for key, value in self.channels.items():
             if not isinstance(key, str):
                 raise SpecError(f"channels keys must be layer names or patterns (str), got {key!r}")
@@ -76,11 +78,16 @@ class CSGDSpec:
             if value is None:
                 continue
             if isinstance(value, bool) or not _is_real(value):
-                raise SpecError(f"channels[{key!r}] must be an int count, a float ratio in (0, 1] or None, got {value!r}")
+                raise SpecError(
+                    f"channels[{key!r}] must be an int count, a float ratio in (0, 1] or None, got {value!r}"
+                )
             if isinstance(value, int) and value < 1:
                 raise SpecError(f"channels[{key!r}] must be at least 1 channel, got {value}")
             if isinstance(value, float) and not 0 < value <= 1:
-                raise SpecError(f"channels[{key!r}] = {value} is a float, read as a ratio, and must be in (0, 1]; give an int for a channel count")
+                raise SpecError(
+                    f"channels[{key!r}] = {value} is a float, read as a ratio, and must be in (0, 1]; give an "
+                    f"int for a channel count"
+                )
         if self.ratio is None and not any(v is not None for v in self.channels.values()):
             raise SpecError("the spec selects no layer: give ratio= (e.g. 5/8) or channels={'layer name': count}")
         for name in ("strength", "weight_decay", "norm_factor"):
@@ -248,7 +255,9 @@ def cluster_rows(vectors: Tensor, k: int, seed: int = 0, iterations: int = 30) -
     return rank.to(labels.device)[labels]
 
 
-def centripetal_gradient(weight: Tensor, grad: Tensor, labels: Tensor, k: int, strength: float, weight_decay: float = 0.0) -> Tensor:
+def centripetal_gradient(
+    weight: Tensor, grad: Tensor, labels: Tensor, k: int, strength: float, weight_decay: float = 0.0
+) -> Tensor:
     """``M g + Dec W`` for one parameter whose first axis holds the clustered channels.
 
     ``M g`` is each row's cluster mean of the gradient; ``Dec W`` is
@@ -302,7 +311,9 @@ def cluster_filters(model: nn.Module, spec: CSGDSpec | None = None) -> FilterPla
             continue
         target = value if isinstance(value, int) else max(1, math.floor(channels * value + 0.5))
         if target > channels:
-            raise SpecError(f"layer '{name}' ({kind}): asks for {target} channels but it has {channels}; give at most {channels}")
+            raise SpecError(
+                f"layer '{name}' ({kind}): asks for {target} channels but it has {channels}; give at most {channels}"
+            )
         if target == channels:
             why = f"the target keeps all {channels} channels ({reason})"
             if spec.strict and not explicit:
@@ -311,7 +322,10 @@ def cluster_filters(model: nn.Module, spec: CSGDSpec | None = None) -> FilterPla
             continue
         weight = module.weight
         if not torch.isfinite(weight).all():
-            raise SpecError(f"layer '{name}' ({kind}): weight holds NaN or Inf; fix the model's weights or skip the layer with channels={{'{name}': None}}")
+            raise SpecError(
+                f"layer '{name}' ({kind}): weight holds NaN or Inf; fix the model's weights or skip the layer "
+                f"with channels={{'{name}': None}}"
+            )
         labels = cluster_rows(weight.detach().reshape(channels, -1), target, spec.seed, spec.iterations)
         rows.append(FilterRow(**row, target=target, labels=tuple(labels.tolist()), reason=reason, norms=route.norms))
     return FilterPlan(rows, spec)
@@ -331,7 +345,9 @@ class CentripetalSGD:
     Raises SpecError when the plan does not fit the model.
     """
 
-    def __init__(self, model: nn.Module, plan: FilterPlan, strength: float | None = None, weight_decay: float | None = None):
+    def __init__(
+        self, model: nn.Module, plan: FilterPlan, strength: float | None = None, weight_decay: float | None = None
+    ):
         spec = plan.spec
         self.strength = spec.strength if strength is None else strength
         self.weight_decay = spec.weight_decay if weight_decay is None else weight_decay
@@ -342,10 +358,14 @@ class CentripetalSGD:
             try:
                 module = model.get_submodule(row.name)
             except AttributeError:
-                raise SpecError(f"layer '{row.name}' of the plan is not in {type(model).__name__}; was the plan made for another model?") from None
+                raise SpecError(
+                    f"layer '{row.name}' of the plan is not in {type(model).__name__}; was the plan made for "
+                    f"another model?"
+                ) from None
             if out_channels(module) != len(row.labels):
                 raise SpecError(
-                    f"layer '{row.name}' has {out_channels(module)} output channels but the plan clusters {len(row.labels)}; "
+                    f"layer '{row.name}' has {out_channels(module)} output channels but the plan clusters "
+                    f"{len(row.labels)}; "
                     "was the model already thinned, or the plan made for another model?"
                 )
             side = self.strength * spec.norm_factor
@@ -401,7 +421,10 @@ class CentripetalSGD:
                     stacklevel=2,
                 )
         if held != mine:
-            warnings.warn(f"the optimizer holds {len(held)} of the {len(mine)} clustered parameters; the others are not trained", stacklevel=2)
+            warnings.warn(
+                f"the optimizer holds {len(held)} of the {len(mine)} clustered parameters; the others are not trained",
+                stacklevel=2,
+            )
         return optimizer.register_step_pre_hook(lambda *_: self.apply())
 
     def param_groups(self, weight_decay: float = 0.0, **options: Any) -> list[dict[str, Any]]:

@@ -154,7 +154,9 @@ def _follow(model: nn.Module, start: fx.Node, producer: nn.Module, channels: int
                 continue
             seen.add(user)
             # Sizes read from tensors are ints, not data that mixes into the channels.
-            others = [a for a in user.all_input_nodes if a is not node and not (a.op == "call_method" and a.target == "size")]
+            others = [
+                a for a in user.all_input_nodes if a is not node and not (a.op == "call_method" and a.target == "size")
+            ]
             if user.op == "output":
                 return refuse("its output is the model's output")
             if user.op == "call_module":
@@ -167,7 +169,9 @@ def _follow(model: nn.Module, start: fx.Node, producer: nn.Module, channels: int
                         return refuse(f"its batch norm {kind} has {module.num_features} features, not {channels}")
                     norms.append(user.target)
                     queue.append((user, flat))
-                elif isinstance(module, _ELEMENTWISE_MODULES) or (isinstance(module, nn.PReLU) and module.num_parameters == 1):
+                elif isinstance(module, _ELEMENTWISE_MODULES) or (
+                    isinstance(module, nn.PReLU) and module.num_parameters == 1
+                ):
                     queue.append((user, flat))
                 elif isinstance(module, _POOL_MODULES) and not flat and not channels_last:
                     if getattr(module, "return_indices", False):
@@ -175,7 +179,10 @@ def _follow(model: nn.Module, start: fx.Node, producer: nn.Module, channels: int
                     queue.append((user, flat))
                 elif isinstance(module, nn.Flatten) and not flat and not channels_last:
                     if module.start_dim != 1 or module.end_dim != -1:
-                        return refuse(f"it feeds {kind} with start_dim={module.start_dim}, end_dim={module.end_dim}; only flatten(1) is supported")
+                        return refuse(
+                            f"it feeds {kind} with start_dim={module.start_dim}, end_dim={module.end_dim}; "
+                            f"only flatten(1) is supported"
+                        )
                     queue.append((user, True))
                 elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                     consumer = _consumer(user.target, module, channels, flat, channels_last, calls)
@@ -216,7 +223,9 @@ def _follow(model: nn.Module, start: fx.Node, producer: nn.Module, channels: int
     return Route(name, channels, tuple(norms), tuple(consumers), bias_norm=bias_norm)
 
 
-def _consumer(name: str, module: nn.Module, channels: int, flat: bool, channels_last: bool, calls: Counter) -> Consumer | str:
+def _consumer(
+    name: str, module: nn.Module, channels: int, flat: bool, channels_last: bool, calls: Counter
+) -> Consumer | str:
     """The consumer, or why it cannot be folded."""
     kind = f"{type(module).__name__} '{name}'"
     if calls[name] > 1:
@@ -232,7 +241,10 @@ def _consumer(name: str, module: nn.Module, channels: int, flat: bool, channels_
     if getattr(module, "transposed", False):
         return f"it feeds the transposed convolution {kind} (not supported)"
     if module.groups != 1:
-        return f"it feeds {kind} with groups={module.groups} (grouped or depthwise); folding its input channels is not supported"
+        return (
+            f"it feeds {kind} with groups={module.groups} (grouped or depthwise); "
+            "folding its input channels is not supported"
+        )
     if module.in_channels != channels:
         return f"its consumer {kind} has {module.in_channels} input channels, not {channels}"
     return Consumer(name, 1)

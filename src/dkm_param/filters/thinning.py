@@ -103,7 +103,9 @@ class ThinReport:
         return render_table(("layer", "channels", "thin", "consumers folded"), rows, footer=footer)
 
 
-def thin(model: nn.Module, plan: Iterable, example_input: Tensor | tuple | None = None, tol: float = 1e-4) -> tuple[nn.Module, ThinReport]:
+def thin(
+    model: nn.Module, plan: Iterable, example_input: Tensor | tuple | None = None, tol: float = 1e-4
+) -> tuple[nn.Module, ThinReport]:
     """A thinner copy of ``model``: one filter per cluster, consumers' input channels summed.
 
     plan: rows with ``name`` and ``labels`` (a ``FilterPlan`` from
@@ -126,9 +128,14 @@ def thin(model: nn.Module, plan: Iterable, example_input: Tensor | tuple | None 
     for row in rows:
         route = found.get(row.name)
         if route is None:
-            raise SurgeryError(f"layer '{row.name}' in the plan is not a conv or linear module of {type(model).__name__}; was the plan made for another model?")
+            raise SurgeryError(
+                f"layer '{row.name}' in the plan is not a conv or linear module of {type(model).__name__}; "
+                f"was the plan made for another model?"
+            )
         if route.reason:
-            raise SurgeryError(f"layer '{row.name}': cannot remove its output channels: {route.reason}; leave it out of the plan")
+            raise SurgeryError(
+                f"layer '{row.name}': cannot remove its output channels: {route.reason}; leave it out of the plan"
+            )
         if len(row.labels) != route.channels:
             raise SurgeryError(
                 f"layer '{row.name}' has {route.channels} output channels but the plan clusters {len(row.labels)}; "
@@ -187,12 +194,16 @@ def _fold_consumer(module: nn.Module, labels: Tensor, k: int, per_channel: int) 
     if isinstance(module, nn.Linear):
         out = weight.shape[0]
         blocks = weight.reshape(out, -1, per_channel)  # (out, channels, h*w)
-        folded = torch.zeros(out, k, per_channel, dtype=weight.dtype, device=weight.device).index_add_(1, labels, blocks)
+        folded = torch.zeros(out, k, per_channel, dtype=weight.dtype, device=weight.device).index_add_(
+            1, labels, blocks
+        )
         _set_param(module, "weight", folded.reshape(out, k * per_channel))
         module.in_features = k * per_channel
     else:
         shape = (weight.shape[0], k, *weight.shape[2:])
-        _set_param(module, "weight", torch.zeros(shape, dtype=weight.dtype, device=weight.device).index_add_(1, labels, weight))
+        _set_param(
+            module, "weight", torch.zeros(shape, dtype=weight.dtype, device=weight.device).index_add_(1, labels, weight)
+        )
         module.in_channels = k
 
 

@@ -89,7 +89,9 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
     # files written before the whole StorageSpec was stored lack the last three keys
     channel_scale = info.get("channel_scale", has_scale)
     if channel_scale is not has_scale:
-        raise FormatError(f"{where}: channel_scale is {channel_scale!r} but the scale tensor is {'' if has_scale else 'not '}there")
+        raise FormatError(
+            f"{where}: channel_scale is {channel_scale!r} but the scale tensor is {'' if has_scale else 'not '}there"
+        )
     try:
         spec = StorageSpec(
             bits=bits,
@@ -115,7 +117,9 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
         or codebook_shape[-1] != dim
         or not 1 <= codebook_shape[-2] <= (1 << bits)
     ):
-        raise FormatError(f"{where}: codebook shape {codebook_shape} does not fit bits={bits}, dim={dim}, groups={groups}")
+        raise FormatError(
+            f"{where}: codebook shape {codebook_shape} does not fit bits={bits}, dim={dim}, groups={groups}"
+        )
     scale = None
     if has_scale:
         if tuple(f.get_slice(f"{name}.scale").get_shape()) != (rows,):

@@ -107,11 +107,15 @@ def summarize(model: CompressedModel) -> Summary:
             groups.setdefault(plan_row.reason, []).append(tensor)
             continue
         size = tensor.numel() * tensor.element_size()
-        rows.append(SummaryRow(key, tuple(tensor.shape), None, None, tensor.numel(), size, size, f"skipped: {plan_row.reason}"))
+        rows.append(
+            SummaryRow(key, tuple(tensor.shape), None, None, tensor.numel(), size, size, f"skipped: {plan_row.reason}")
+        )
     for reason, tensors in groups.items():
         numel = sum(t.numel() for t in tensors)
         size = sum(t.numel() * t.element_size() for t in tensors)
-        rows.append(SummaryRow(f"({len(tensors)} weights)", (numel,), None, None, numel, size, size, f"skipped: {reason}"))
+        rows.append(
+            SummaryRow(f"({len(tensors)} weights)", (numel,), None, None, numel, size, size, f"skipped: {reason}")
+        )
     others = [t for k, t in model.tensors.items() if k not in skipped_weights]
     other_bytes = sum(t.numel() * t.element_size() for t in others)
     return Summary(rows=tuple(rows), other_tensors=len(others), other_bytes=other_bytes)

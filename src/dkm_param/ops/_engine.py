@@ -1,5 +1,7 @@
-"""The engine behind ``soft_cluster`` and ``settle``: chunked, windowed attention
-with an analytic backward, and the accelerated settling iterations."""
+"""The engine behind ``soft_cluster`` and ``settle``, chunked and windowed, with an analytic backward.
+
+``soft.py`` holds the public functions; everything here is internal.
+"""
 
 from __future__ import annotations
 
@@ -703,4 +705,13 @@ class _SoftCluster(torch.autograd.Function):
             vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, values)
         else:
             vectors, run = values, _Run(None, list(codebooks), list(masses), ctx.plans, None)
-        return _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau), None, None, None, None, None, None, None
+        return (
+            _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -200,7 +200,9 @@ def kmeans_1d(
     levels = (torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k
     starts = [_quantiles(data, levels, power=1 / 3), _quantiles(data, levels, power=1.0)]
     generator = torch.Generator().manual_seed(seed)
-    sample = data.x[torch.randint(data.x.numel(), (min(data.x.numel(), _SEED_SAMPLE),), generator=generator).to(data.x.device)]
+    sample = data.x[
+        torch.randint(data.x.numel(), (min(data.x.numel(), _SEED_SAMPLE),), generator=generator).to(data.x.device)
+    ]
     starts += [kmeans_plusplus(sample[:, None], k, generator)[:, 0] for _ in range(restarts)]
     best = min((data.lloyd(start, max_iter) for start in starts), key=lambda run: run[1])
     return best[0].to(values.dtype), best[1]
@@ -327,7 +329,11 @@ def kmeans_vectors(
     if distinct.shape[0] <= k:
         return _pad(distinct, k), 0.0
     generator = torch.Generator().manual_seed(seed)
-    w = torch.ones(vectors.shape[0], dtype=vectors.dtype, device=vectors.device) if weights is None else weights.to(vectors.dtype)
+    w = (
+        torch.ones(vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
+        if weights is None
+        else weights.to(vectors.dtype)
+    )
     sample = vectors
     if vectors.shape[0] > _SEED_SAMPLE:
         sample = vectors[torch.randperm(vectors.shape[0], generator=generator)[:_SEED_SAMPLE].to(vectors.device)]
@@ -348,7 +354,11 @@ def kmeans_vectors(
                 )
             for j in empty.tolist():
                 full = int(counts.argmax())
-                push = eps * spread * torch.randn(vectors.shape[1], generator=generator, dtype=vectors.dtype).to(vectors.device)
+                push = (
+                    eps
+                    * spread
+                    * torch.randn(vectors.shape[1], generator=generator, dtype=vectors.dtype).to(vectors.device)
+                )
                 codebook[j] = codebook[full] + push
                 codebook[full] = codebook[full] - push
                 counts[full] = 0  # split a different cluster for the next empty one

@@ -87,7 +87,9 @@ def cluster_weight(
                 f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
                 "pass one value per weight"
             )
-        masses = layout.grouped_vectors(importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout).sum(2)
+        masses = layout.grouped_vectors(
+            importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout
+        ).sum(2)
         if not torch.isfinite(masses).all() or (masses < 0).any():
             raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
     stored = codebook_dtype or weight.dtype
