@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import dkm_param as dp
 
@@ -53,3 +54,46 @@ def test_misfit_names_the_cause_and_a_way_out():
     assert "vectors per group are fewer than the 16 clusters" in dp.LayerSpec(group_size=1).misfit((64, 10))
     msg = dp.LayerSpec(bits=8).misfit(100)
     assert "100 vectors are fewer than the 256 clusters" in msg and "bits <= 6" in msg
+
+
+def test_layer_spec_is_a_storage_half_and_a_training_half():
+    spec = dp.LayerSpec(bits=3, dim=2, tau=5e-5, seed=7, group_size=4, channel_scale=True, preserve_zeros=True)
+    assert spec.storage == dp.StorageSpec(bits=3, dim=2, group_size=4, channel_scale=True, preserve_zeros=True)
+    assert spec.training == dp.TrainingSpec(tau=5e-5, seed=7)
+    assert dp.LayerSpec.from_parts(spec.storage, spec.training) == spec
+    assert dp.LayerSpec.from_parts(spec.storage).training == dp.TrainingSpec()
+    assert spec.replace(bits=4).storage.bits == 4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dp.LayerSpec(bits=3),
+        dp.StorageSpec(bits=2, preserve_zeros=True),
+        dp.TrainingSpec(tau_rel=1.0),
+        dp.Policy.from_notation("cv:4/1, fc:2/1"),
+        dp.CSGDSpec(ratio=0.5),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_every_config_dict_carries_its_version_and_refuses_another(config):
+    data = config.to_dict()
+    assert data["version"] == 1
+    assert type(config).from_dict(data) == config
+    with pytest.raises(dp.SpecError, match="version 2; this dkm_param reads version 1"):
+        type(config).from_dict({**data, "version": 2})
+
+
+def test_a_dict_without_version_reads_as_the_current_one():
+    data = dp.LayerSpec(bits=3).to_dict()
+    del data["version"]
+    assert dp.LayerSpec.from_dict(data) == dp.LayerSpec(bits=3)
+
+
+def test_filter_plan_dict_carries_its_version():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    plan = dp.cluster_filters(model, dp.CSGDSpec(ratio=0.5))
+    data = plan.to_dict()
+    assert data["version"] == 1 and dp.FilterPlan.from_dict(data) == plan
+    with pytest.raises(dp.SpecError, match="version 2"):
+        dp.FilterPlan.from_dict({**data, "version": 2})

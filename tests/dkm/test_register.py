@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import dkm_param as dp
+from nets import Tied
 
 
 def mlp(seed=0):
@@ -67,18 +68,6 @@ def test_training_step_updates_weights_and_codebooks():
     assert not torch.equal(codebook, model[2].parametrizations.weight[0].codebook)
 
 
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wte = nn.Embedding(300, 32)
-        self.mid = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 300, bias=False)
-        self.head.weight = self.wte.weight
-
-    def forward(self, tokens):
-        return self.head(torch.relu(self.mid(self.wte(tokens))))
-
-
 def test_tied_weights_share_one_parametrization_and_one_result():
     model = Tied()
     plan = dp.register_dkm(model, dp.Policy.from_notation("fc:3/1"))
@@ -127,3 +116,30 @@ def test_checkpoint_resume_gives_the_same_next_steps():
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     fresh_opt.load_state_dict(checkpoint["opt"])
     assert run(fresh, fresh_opt, 3, seed=2) == expected
+
+
+def test_a_deep_copy_keeps_the_layers_the_plan_skipped():
+    # the plan once lived in a module-level registry keyed by the model, which a copy missed
+    model = mlp()
+    policy = dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None, skip=("2",))
+    dp.register_dkm(model, policy)
+    clone = copy.deepcopy(model)
+    clone.eval()
+    skipped = [row.name for row in dp.finalize(clone).skipped]
+    assert "2" in skipped
+    model.eval()
+    assert [row.name for row in dp.finalize(model).skipped] == skipped
+
+
+def test_a_failed_registration_leaves_the_model_as_it_was():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # the second clustered layer
+    before["2.weight"] = model[2].weight.clone()
+    with pytest.raises(dp.RegistrationError, match="layer '2'"):
+        dp.register_dkm(model, POLICY)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) or k == "2.weight" for k in before)

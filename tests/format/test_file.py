@@ -3,13 +3,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dkm_param as dp
 from dkm_param.format import writer
+from dkm_param.posttrain.palettize import cluster_weight
+from strategies import storage_specs
 
 
 def convnet(seed=0):
@@ -134,7 +137,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 
 
 def test_tied_weights_are_stored_once_and_restored_tied(tmp_path):
-    from test_register import Tied
+    from nets import Tied
 
     torch.manual_seed(0)
     model = Tied()
@@ -162,3 +165,44 @@ def test_wrong_format_and_future_version_are_rejected(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(dp.FormatError, match="not a readable safetensors file"):
         dp.read_compressed(tmp_path / "junk.safetensors")
+
+
+@settings(max_examples=40)
+@given(spec=storage_specs(rows=8), seed=st.integers(0, 2**16))
+def test_the_file_carries_the_whole_storage_spec(tmp_path_factory, spec, seed):
+    # preserve_zeros once read back as False, and a single group's group_size as None
+    weight = torch.randn(8, 4, 3, 2, generator=torch.Generator().manual_seed(seed))
+    weight[weight.abs() < 0.5] = 0
+    layer = cluster_weight(weight, spec)
+    path = dp.CompressedModel(layers={"conv.weight": layer}, tensors={}).save(
+        tmp_path_factory.mktemp("spec") / "m.safetensors"
+    )
+    read = dp.read_compressed(path).layers["conv.weight"]
+    assert read.spec == spec
+    assert torch.equal(read.weight(), layer.weight())
+    assert torch.equal(read.codebook, layer.codebook) and torch.equal(read.indices, layer.indices)
+
+
+def test_preserve_zeros_reads_back_and_its_zero_entry_is_checked(tmp_path):
+    spec = dp.StorageSpec(bits=2, preserve_zeros=True)
+    weight = torch.randn(8, 12)
+    weight[:, :4] = 0
+    layer = cluster_weight(weight, spec)
+    path = dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "m.safetensors")
+    assert dp.read_compressed(path).layers["w"].spec.preserve_zeros is True
+    layer.codebook[0] = 1.0  # a file whose pinned entry is not zero is not what it says
+    path = dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "bad.safetensors")
+    with pytest.raises(dp.FormatError, match="preserve_zeros is set but codebook entry 0 is not zero"):
+        dp.read_compressed(path)
+
+
+def test_a_file_without_the_newer_storage_keys_still_reads(tmp_path):
+    layer = cluster_weight(torch.randn(8, 12), dp.StorageSpec(bits=2, channel_scale=True))
+    path = dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "m.safetensors")
+    tensors, meta = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    layers = json.loads(meta["layers"])
+    for key in ("group_size", "channel_scale", "preserve_zeros", "layout"):
+        del layers["w"][key]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "layers": json.dumps(layers)})
+    read = dp.read_compressed(tmp_path / "old.safetensors").layers["w"]
+    assert read.spec == dp.StorageSpec(bits=2, channel_scale=True)

@@ -1,4 +1,4 @@
-"""The protocol ``finalize`` exports through: a parametrization that can snap its weight to a CompressedLayer."""
+"""What dkm_param attaches to weights: the protocol finalize exports through, finding them, taking them off."""
 
 from __future__ import annotations
 
@@ -40,3 +40,17 @@ def exportable_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Modu
             for param in module.parametrizations.weight:
                 if isinstance(param, ExportableParametrization):
                     yield name, module, param
+
+
+def remove_weight_parametrization(module: nn.Module) -> None:
+    """Take the parametrization off ``module.weight``, leaving its original weight (in place).
+
+    ``copy.deepcopy`` of a parametrized model shares each parametrized class
+    between the copies, and removing a parametrization deletes from that
+    class: so the module first gets a class of its own, and removing from a
+    copy leaves the other model working.
+    """
+    cls = module.__class__
+    namespace = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import FormatError, RegistrationError
 from ..format import CompressedLayer, CompressedModel, assemble
 from ..ops.dtypes import DTYPES, is_supported
 from ..policy import weight_key
 from ..progress import track
-from .exportable import exportable_parametrizations
+from .exportable import exportable_parametrizations, remove_weight_parametrization
 
 
 def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> CompressedModel:
@@ -51,7 +50,7 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
         (lead_name, lead), followers = users[0], users[1:]
         original = lead.parametrizations.weight.original
         for _, module in users:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_weight_parametrization(module)
         with torch.no_grad():
             original.copy_(layer.weight())
         layers[weight_key(lead_name)] = layer

@@ -12,7 +12,7 @@ from ..errors import RegistrationError
 from ..ops import layout
 from ..policy import Plan, Policy, weight_key
 from ..progress import track
-from .exportable import exportable_parametrizations
+from .exportable import exportable_parametrizations, remove_weight_parametrization
 from .parametrization import DKMParametrization
 
 if TYPE_CHECKING:
@@ -81,4 +81,4 @@ def remove_dkm(model: nn.Module) -> None:
     """Take DKM off every weight in place, restoring the trained, unclustered weights."""
     for _, module, _ in list(exportable_parametrizations(model)):
         if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_weight_parametrization(module)

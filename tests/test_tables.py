@@ -1,0 +1,20 @@
+from dkm_param.tables import format_size, render_table
+
+
+def test_columns_are_padded_to_their_widest_cell_and_numbers_align_right():
+    text = render_table(("name", "n", "note"), [("a", "1", "x"), ("long name", "1,234", "")], right={1}, footer=["end"])
+    assert text.splitlines() == [
+        "name           n  note",
+        "----------------------",
+        "a              1  x",
+        "long name  1,234",
+        "end",
+    ]
+
+
+def test_a_rule_below_the_rows_when_asked():
+    assert render_table(("a", "b"), [("1", "2")], rule_below=True).splitlines() == ["a  b", "----", "1  2", "----"]
+
+
+def test_sizes_read_in_binary_units():
+    assert [format_size(n) for n in (512, 1536, 3 * 2**20, 5 * 2**30)] == ["512 B", "1.50 KiB", "3.00 MiB", "5.00 GiB"]
