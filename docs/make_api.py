@@ -21,7 +21,11 @@ def entry(name: str, obj) -> list[str]:
         signature = "(...)"
     lines = [f"### `{name}{signature}`", "", f"*{kind}*", "", inspect.cleandoc(obj.__doc__ or "(no docstring)"), ""]
     if inspect.isclass(obj):
-        for member, value in sorted(vars(obj).items()):
+        members = {}
+        for cls in reversed(obj.__mro__):  # dkm_param's own bases too, the class's own members last
+            if cls.__module__.startswith("dkm_param"):
+                members.update(vars(cls))
+        for member, value in sorted(members.items()):
             if member.startswith("_") or not (
                 inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))
             ):

@@ -23,8 +23,21 @@ CONFIG_VERSION = 1
 T = TypeVar("T")
 
 
+class _Config:
+    """``to_dict`` and ``from_dict`` for a config dataclass, versioned."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the config ``version``, for JSON."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
+        return config_from_dict(cls, data)
+
+
 @dataclass(frozen=True)
-class StorageSpec:
+class StorageSpec(_Config):
     """How one clustered weight is stored: what the file carries and decoding needs.
 
     bits: index width; the codebook has ``2**bits`` centroids.
@@ -99,18 +112,9 @@ class StorageSpec:
             )
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields and the config ``version``, for JSON."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StorageSpec":
-        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
-        return config_from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(_Config):
     """How DKM trains one weight's clustering; nothing of it is needed to decode.
 
     tau: absolute temperature of the attention, as in the paper's tables
@@ -156,22 +160,13 @@ class TrainingSpec:
         if self.init not in INITS:
             raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields and the config ``version``, for JSON."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingSpec":
-        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
-        return config_from_dict(cls, data)
-
 
 _STORAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StorageSpec))
 _TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSpec))
 
 
 @dataclass(frozen=True)
-class LayerSpec:
+class LayerSpec(_Config):
     """How one weight tensor is clustered: a ``StorageSpec`` and a ``TrainingSpec`` in one.
 
     Storage (written to the file, see ``StorageSpec``): bits, dim,
@@ -238,15 +233,6 @@ class LayerSpec:
     def replace(self, **changes: Any) -> "LayerSpec":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields and the config ``version``, for JSON."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerSpec":
-        """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
-        return config_from_dict(cls, data)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
