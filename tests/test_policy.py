@@ -153,3 +153,85 @@ def test_integer_and_complex_weights_are_skipped_or_rejected():
         dp.Policy(strict=True).plan(model)
     with pytest.raises(dp.SpecError, match=r"layer '1'"):
         dp.Policy(overrides={"1": dp.LayerSpec()}).plan(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(skip_first_last="False"), r"policy skip_first_last must be True or False, got 'False' \(str\)"),
+        (dict(skip_first_last=1), r"policy skip_first_last must be True or False, got 1 \(int\)"),
+        (dict(strict="no"), r"policy strict must be True or False, got 'no'.*any non-empty string would read as True"),
+        (dict(strict=None), r"policy strict must be True or False, got None"),
+        (dict(small_layer_params=None), r"policy small_layer_params must be an int >= 0, got None"),
+        (dict(small_layer_params=True), r"small_layer_params must be an int >= 0, got True"),
+        (dict(small_layer_params=-1), r"small_layer_params must be an int >= 0, got -1.*small_layer_bits=None"),
+        (dict(small_layer_params=1e4), r"small_layer_params must be an int >= 0, got 10000.0"),
+        (dict(small_layer_bits=0), r"policy small_layer_bits must be an int in 1..8 or None, got 0"),
+        (dict(small_layer_bits=9), r"small_layer_bits must be an int in 1..8 or None, got 9"),
+        (dict(small_layer_bits=True), r"small_layer_bits must be an int in 1..8 or None, got True"),
+        (dict(small_layer_bits="8"), r"small_layer_bits must be an int in 1..8 or None, got '8'"),
+        (dict(skip=5), r"policy skip must be a module name or pattern \(str\) or a tuple or list of them, got 5"),
+        (dict(skip=["fc", 1]), r"policy skip must be .*, got \['fc', 1\]"),
+        (dict(skip={"fc"}), r"policy skip must be .*, got \{'fc'\}"),
+        (dict(kinds=[("fc", None)]), r"policy kinds must be a dict from a kind .* got list"),
+        (dict(kinds={1: None}), r"policy kinds keys must be str, got 1 \(int\)"),
+        (dict(overrides="0"), r"policy overrides must be a dict from a module name or pattern .* got str '0'"),
+        (dict(overrides={("0",): None}), r"policy overrides keys must be str, got \('0',\) \(tuple\)"),
+    ],
+)
+def test_policy_fields_are_checked_where_the_policy_is_built(kwargs, words):
+    with pytest.raises(dp.SpecError, match=words):
+        dp.Policy(**kwargs)
+
+
+def test_skip_as_text_is_not_read_as_true():
+    # 'False' once turned skip_first_last on; now it is refused before any plan
+    with pytest.raises(dp.SpecError, match="skip_first_last must be True or False"):
+        dp.Policy.from_notation("cv:2/1, fc:2/1", skip_first_last="False")
+    with pytest.raises(dp.SpecError, match="skip_first_last must be True or False"):
+        dp.Policy.from_dict({"skip_first_last": "False"})
+
+
+def test_skip_is_kept_as_a_tuple_from_a_str_a_list_or_a_dict():
+    assert dp.Policy(skip="3").skip == ("3",)
+    assert dp.Policy(skip=["3", "6"]).skip == ("3", "6")
+    assert dp.Policy(skip=["3"]) == dp.Policy(skip=("3",))
+    assert dp.Policy.from_dict({"skip": "fc"}).skip == ("fc",)  # once split into ('f', 'c')
+    assert dp.Policy.from_dict({"skip": ["3", "6"]}).skip == ("3", "6")
+    plan = dp.Policy(skip=["3"], small_layer_bits=None).plan(small_net())
+    assert plan.row("3").spec is None and "skip list" in plan.row("3").reason
+
+
+def test_a_dict_with_tables_of_the_wrong_type_raises_spec_error():
+    with pytest.raises(dp.SpecError, match="policy kinds must be a dict"):
+        dp.Policy.from_dict({"kinds": ["fc"]})
+    with pytest.raises(dp.SpecError, match="policy overrides must be a dict"):
+        dp.Policy.from_dict({"overrides": "0"})
+    with pytest.raises(dp.SpecError, match="small_layer_params must be an int >= 0, got None"):
+        dp.Policy.from_dict({"small_layer_params": None})
+
+
+def test_small_layer_rule_bounds_are_accepted():
+    assert dp.Policy(small_layer_params=0, small_layer_bits=1).small_layer_bits == 1
+    assert dp.Policy(small_layer_bits=None).small_layer_bits is None
+    plan = dp.Policy(default=dp.LayerSpec(bits=2), small_layer_params=0).plan(small_net())
+    assert plan.row("0").spec.bits == 2  # no layer is smaller than 0 weights
+
+
+FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8 + [torch.int8, torch.complex64], ids=str)
+def test_weights_the_file_cannot_hold_are_skipped_like_non_floats(dtype):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    weight = torch.zeros(64, 64).to(dtype)
+    model[1].weight = nn.Parameter(weight, requires_grad=weight.is_floating_point() or weight.is_complex())
+    plan = dp.Policy(small_layer_bits=None).plan(model)
+    what = "supported" if dtype.is_floating_point else "floating point"
+    reason = f"weight dtype {dtype} is not {what} (supported: float64, float32, float16, bfloat16)"
+    assert plan.row("1").spec is None and plan.row("1").reason == reason
+    assert plan.row("0").clustered
+    with pytest.raises(dp.SpecError, match=rf"layer '1' \(Linear\): weight dtype {dtype} is not .*cast the weight"):
+        dp.Policy(strict=True).plan(model)
+    with pytest.raises(dp.SpecError, match=r"layer '1' .*supported: float64, float32, float16, bfloat16"):
+        dp.Policy(overrides={"1": dp.LayerSpec()}).plan(model)

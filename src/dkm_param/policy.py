@@ -17,10 +17,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import SpecError
-from .spec import CONFIG_VERSION, LayerSpec, config_from_dict
+from .ops.dtypes import DTYPES, is_supported
+from .spec import CONFIG_VERSION, MAX_BITS, LayerSpec, config_from_dict, show_value
 from .tables import render_table
 
 KINDS = ("cv", "fc", "emb")
+_SUPPORTED = ", ".join(DTYPES)  # the dtypes the file format holds
+_EXAMPLE_KEY = {"kinds": "fc", "overrides": "features.0"}
 
 _KIND_OF_TYPE: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Linear, "fc"),
@@ -126,6 +129,8 @@ class Policy:
         cluster (a dim that does not divide it, too few vectors).
 
     Exact-name overrides are explicit requests: a misfit there always raises.
+    Raises SpecError, naming the field, for a value of the wrong type or range
+    (``skip`` may be a str or a list of them; it is kept as a tuple).
     """
 
     default: LayerSpec | None = field(default_factory=LayerSpec)
@@ -138,21 +143,56 @@ class Policy:
     strict: bool = False
 
     def __post_init__(self):
+        for flag in ("skip_first_last", "strict"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                text = " (as text, any non-empty string would read as True)" if isinstance(value, str) else ""
+                raise SpecError(
+                    f"policy {flag} must be True or False, got {value!r} ({type(value).__name__}); "
+                    f"pass the bool itself{text}"
+                )
+        if not _is_int(self.small_layer_params) or self.small_layer_params < 0:
+            raise SpecError(
+                f"policy small_layer_params must be an int >= 0, got {show_value(self.small_layer_params)}; "
+                "give a weight count (the paper: 10_000), or small_layer_bits=None to turn the rule off"
+            )
+        bits = self.small_layer_bits
+        if bits is not None and not (_is_int(bits) and 1 <= bits <= MAX_BITS):
+            raise SpecError(
+                f"policy small_layer_bits must be an int in 1..{MAX_BITS} or None, got {show_value(bits)}; "
+                "give the bits small layers get at least (the paper: 8), or None to turn the rule off"
+            )
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, (tuple, list)) or not all(isinstance(p, str) for p in skip):
+            raise SpecError(
+                f"policy skip must be a module name or pattern (str) or a tuple or list of them, got {self.skip!r}; "
+                "write e.g. skip=('classifier', r'layer4\\..*')"
+            )
+        object.__setattr__(self, "skip", tuple(skip))
+        for table, key_is in (("kinds", "a kind ('cv', 'fc', 'emb')"), ("overrides", "a module name or pattern")):
+            entries = getattr(self, table)
+            if not isinstance(entries, Mapping):
+                raise SpecError(
+                    f"policy {table} must be a dict from {key_is} to a LayerSpec or None, got "
+                    f"{type(entries).__name__} {entries!r}; write e.g. {table}={{'{_EXAMPLE_KEY[table]}': LayerSpec()}}"
+                )
+            for key in entries:
+                if not isinstance(key, str):
+                    raise SpecError(
+                        f"policy {table} keys must be str, got {key!r} ({type(key).__name__}); "
+                        f"write {key_is} as a string"
+                    )
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
             raise SpecError(f"unknown layer kind(s) {unknown} in policy; kinds are {', '.join(KINDS)}")
         for key, spec in [("default", self.default), *self.kinds.items(), *self.overrides.items()]:
             if spec is not None and not isinstance(spec, LayerSpec):
                 raise SpecError(f"policy entry {key!r} must be a LayerSpec or None, got {type(spec).__name__}")
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
         for pattern in [*self.overrides, *self.skip]:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise SpecError(f"policy pattern {pattern!r} is not a valid regular expression: {exc}") from None
-        if self.small_layer_bits is not None:
-            LayerSpec(bits=self.small_layer_bits)  # validates the range
 
     @classmethod
     def from_notation(cls, notation: str, spec: LayerSpec | None = None, **kwargs: Any) -> "Policy":
@@ -199,8 +239,10 @@ class Policy:
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
         """Build from ``to_dict`` output, rejecting unknown keys and other versions."""
         spec = lambda s: None if s is None else LayerSpec.from_dict(s)  # noqa: E731
-        specs = lambda table: {k: spec(v) for k, v in table.items()}  # noqa: E731
-        return config_from_dict(cls, data, default=spec, kinds=specs, overrides=specs, skip=tuple)
+        # anything but a dict is passed on as it is, for __post_init__ to name
+        specs = lambda table: {k: spec(v) for k, v in table.items()} if isinstance(table, Mapping) else table  # noqa: E731
+        # skip: the list JSON gives becomes a tuple in __post_init__ (tuple() would split a str into letters)
+        return config_from_dict(cls, data, default=spec, kinds=specs, overrides=specs)
 
     # -- deciding ---------------------------------------------------------
 
@@ -251,10 +293,14 @@ class Policy:
                 if spec.bits < self.small_layer_bits:
                     spec = spec.replace(bits=self.small_layer_bits)
                     reason = f"small layer (< {self.small_layer_params} weights): {self.small_layer_bits} bits"
-            if spec is not None and not weight.is_floating_point():
-                spec, reason = None, f"weight dtype {weight.dtype} is not floating point"
+            if spec is not None and not is_supported(weight.dtype):
+                what = "supported" if weight.is_floating_point() else "floating point"
+                spec, reason = None, f"weight dtype {weight.dtype} is not {what} (supported: {_SUPPORTED})"
                 if not general or self.strict:
-                    raise SpecError(f"layer '{name}' ({type(module).__name__}): {reason}; skip it in the policy")
+                    raise SpecError(
+                        f"layer '{name}' ({type(module).__name__}): {reason}; cast the weight to one of them "
+                        "(e.g. module.to(torch.bfloat16)) or skip it in the policy"
+                    )
             if spec is not None:
                 misfit = spec.misfit(shape)
                 if misfit:
@@ -266,6 +312,10 @@ class Policy:
                     spec, reason = None, misfit
             decided.append(LayerPlan(**row, spec=spec, reason=reason))
         return Plan(_tie(decided, candidates))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _weighted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any]]:

@@ -19,6 +19,13 @@ LAYOUTS = ("flat", "input")
 MAX_BITS = 8
 # The version every config's ``to_dict`` writes; ``from_dict`` refuses others.
 CONFIG_VERSION = 1
+# The positive normal float32 range (torch.finfo(torch.float32).tiny and .max): the
+# temperature and threshold live in float32 buffers, where a value outside it
+# becomes 0 (a division by zero) or inf (a collapsed layer).
+FLOAT32_TINY = 2.0**-126
+FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
+# Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit int.
+MAX_SEED = 2**63 - 1
 
 T = TypeVar("T")
 
@@ -136,7 +143,12 @@ class TrainingSpec(_Config):
     init: how the codebook is seeded: ``kmeans++``, ``linear`` (evenly
         spaced between the extremes) or ``quantile`` (by density).
     seed: seed of the initialisation's own random generator, so that
-        registration never touches the global RNG and is repeatable.
+        registration never touches the global RNG and is repeatable; at most
+        ``2**63 - 1``, the largest seed torch's generator takes.
+
+    tau, tau_rel and a non-zero epsilon live in float32 buffers: each must be
+    a positive normal float32, ``FLOAT32_TINY`` to ``FLOAT32_MAX``. Raises
+    SpecError naming the field otherwise.
     """
 
     tau: float | None = None
@@ -150,13 +162,11 @@ class TrainingSpec(_Config):
     def __post_init__(self):
         _check_int("max_iter", self.max_iter, 1, None)
         _check_int("settle_iter", self.settle_iter, 0, None)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        if self.tau is not None and not (_is_real(self.tau) and math.isfinite(self.tau) and self.tau > 0):
-            raise SpecError(f"tau must be a positive finite number or None, got {self.tau!r}")
-        if not (_is_real(self.tau_rel) and math.isfinite(self.tau_rel) and self.tau_rel > 0):
-            raise SpecError(f"tau_rel must be a positive finite number, got {self.tau_rel!r}")
-        if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise SpecError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+        _check_int("seed", self.seed, 0, MAX_SEED, " (2**63 - 1, torch's largest seed)")
+        if self.tau is not None:
+            _check_float32("tau", self.tau, ", or tau=None to derive it from the layer with tau_rel")
+        _check_float32("tau_rel", self.tau_rel, " (the default 2.0 suits most layers)")
+        _check_float32("epsilon", self.epsilon, ", or 0 to always run max_iter iterations", zero=True)
         if self.init not in INITS:
             raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
@@ -275,9 +285,36 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+def _check_int(name: str, value: Any, low: int, high: int | None, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise SpecError(f"{name} must be an int, got {value!r}")
+        raise SpecError(f"{name} must be an int, got {value!r} ({type(value).__name__}); pass a whole number")
     if value < low or (high is not None and value > high):
         span = f"{low}..{high}" if high is not None else f">= {low}"
-        raise SpecError(f"{name} must be in {span}, got {value}")
+        raise SpecError(f"{name} must be in {span}{why}, got {show_value(value)}")
+
+
+def _check_float32(name: str, value: Any, hint: str, zero: bool = False) -> None:
+    """Raise SpecError unless ``value`` is a number float32 holds as a positive normal (or 0, with ``zero``)."""
+    if not _is_real(value):
+        raise SpecError(f"{name} must be a number, got {value!r} ({type(value).__name__}); pass an int or a float")
+    # comparisons, not math.isfinite: a huge int must fail here, not overflow converting to float
+    if (zero and value == 0) or FLOAT32_TINY <= value <= FLOAT32_MAX:
+        return
+    what = "0 or a positive number" if zero else "a positive number"
+    if FLOAT32_MAX < value < math.inf:
+        effect = " (inf in the float32 buffer it is stored in)"
+    elif 0 < value < FLOAT32_TINY:
+        effect = " (0 or a subnormal in the float32 buffer it is stored in)"
+    else:
+        effect = ""
+    raise SpecError(
+        f"{name} must be {what} that float32 holds, {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g}, "
+        f"got {show_value(value)}{effect}; pass a value in that range{hint}"
+    )
+
+
+def show_value(value: Any) -> str:
+    """``repr`` of a value for an error message, a huge int shortened (``repr`` refuses the longest)."""
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"{'a negative' if value < 0 else 'an'} int of {abs(value).bit_length()} bits"
+    return repr(value)

@@ -2,6 +2,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -143,3 +145,107 @@ def test_a_failed_registration_leaves_the_model_as_it_was():
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) or k == "2.weight" for k in before)
+
+
+def meta_mlp():
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_a_meta_model_is_refused_before_anything_is_attached():
+    model = meta_mlp()
+    with pytest.raises(
+        dp.RegistrationError,
+        match=r"layer '0' \(Linear\) and 2 more selected layers: the weight is on the meta device.*"
+        r"materialize the model first, e.g. model.to_empty\(device='cpu'\) and then load its weights",
+    ):
+        dp.register_dkm(model, POLICY)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    model.to_empty(device="cpu")
+    model.load_state_dict(mlp().state_dict())
+    assert [r.name for r in dp.register_dkm(model, POLICY).clustered()] == ["0", "2", "4"]
+
+
+def test_one_meta_layer_is_named_and_nothing_is_built():
+    model = mlp()
+    model[2] = meta_mlp()[2]
+    with pytest.raises(dp.RegistrationError, match=r"^layer '2' \(Linear\): the weight is on the meta device"):
+        dp.register_dkm(model, POLICY)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    skipping = dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None, skip=("2",))
+    assert [r.name for r in dp.register_dkm(model, skipping).clustered()] == ["0", "4"]  # a skipped one is no matter
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without float8")
+def test_a_float8_weight_is_skipped_by_the_plan_not_failed_in_registration():
+    model = mlp()
+    model[2].weight = nn.Parameter(model[2].weight.detach().to(torch.float8_e4m3fn))
+    plan = dp.register_dkm(model, POLICY)
+    assert plan.row("2").spec is None and "float8_e4m3fn is not supported" in plan.row("2").reason
+    assert [r.name for r in plan.clustered()] == ["0", "4"]
+    assert not parametrize.is_parametrized(model[2])
+
+
+@pytest.mark.parametrize(
+    "scale, spec, words",
+    [
+        (1e-22, dp.LayerSpec(bits=2), r"layer '2': the derived temperature tau = tau_rel \(2\) x the mean squared "
+         r"distance to the nearest centroid \(.*\) = .* underflows float32.*raise tau_rel or set tau= explicitly, "
+         r"or set channel_scale=True"),
+        (1.0, dp.LayerSpec(bits=2, tau_rel=1e-37), r"layer '2': .*tau_rel \(1e-37\).* underflows float32"),
+        (1e3, dp.LayerSpec(bits=2, tau_rel=1e38), r"layer '2': .*tau_rel \(1e\+38\).* overflows float32.*"
+         r"lower tau_rel"),
+        (1e20, dp.LayerSpec(bits=2), r"layer '2': the derived temperature .* cannot be computed in torch.float32: "
+         r"the squared distances of a weight reaching .* overflow to inf; scale the weight, or set channel_scale"),
+        (1e-22, dp.LayerSpec(bits=2, group_size=32), r"layer '2' \(group 0 of 2\): .* underflows float32"),
+        (1e2, dp.LayerSpec(bits=2, epsilon=3e38), r"layer '2': the convergence threshold epsilon \(3e\+38\) x the "
+         r"weight's spread \(.*\) overflows torch.float32; lower epsilon"),
+    ],
+    ids=["tiny-weight", "tiny-tau_rel", "huge-tau_rel", "huge-weight", "tiny-group", "huge-epsilon"],
+)
+def test_a_derived_tau_float32_cannot_hold_is_refused_naming_the_layer(scale, spec, words):
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    with pytest.raises(dp.RegistrationError, match=words):
+        dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=2), overrides={"2": spec}, small_layer_bits=None))
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_a_tiny_weight_registers_with_an_explicit_tau_or_channel_scale():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(1e-22)
+    for spec in (dp.LayerSpec(bits=2, tau=1e-3, settle_iter=0), dp.LayerSpec(bits=2, channel_scale=True)):
+        dp.register_dkm(model, dp.Policy(default=spec, small_layer_bits=None))
+        tau = model[2].parametrizations.weight[0].tau
+        assert torch.isfinite(tau).all() and (tau >= torch.finfo(torch.float32).tiny).all()
+        dp.remove_dkm(model)
+
+
+def test_a_constant_weight_gets_a_positive_normal_tau():
+    # its centroids coincide: the fallback once gave tau_rel * tiny, a subnormal for tau_rel < 1
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.fill_(0.5)
+    dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=2, tau_rel=0.1), small_layer_bits=None))
+    tau = model[2].parametrizations.weight[0].tau
+    assert (tau >= torch.finfo(torch.float32).tiny).all() and torch.isfinite(tau).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(exponent=st.integers(min_value=-30, max_value=25), tau_rel=st.sampled_from([1e-30, 0.5, 2.0, 1e30]))
+def test_a_registered_tau_is_a_positive_normal_float32_or_the_layer_is_named(exponent, tau_rel):
+    weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(exponent + 100)) * 10.0**exponent
+    model = nn.Sequential(nn.Linear(8, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    spec = dp.LayerSpec(bits=2, tau_rel=tau_rel, settle_iter=0)
+    try:
+        dp.register_dkm(model, dp.Policy(default=spec, small_layer_bits=None))
+    except dp.RegistrationError as exc:
+        assert str(exc).startswith("layer '0'") and "float32" in str(exc)
+        return
+    param = model[0].parametrizations.weight[0]
+    assert torch.isfinite(param.tau).all() and (param.tau >= torch.finfo(torch.float32).tiny).all()
+    assert torch.isfinite(param.epsilon).all()

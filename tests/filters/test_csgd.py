@@ -46,11 +46,34 @@ def vgg():
         (dict(weight_decay=float("nan")), "weight_decay must be"),
         (dict(iterations=0), "iterations must be an int >= 1"),
         (dict(linear=1), "linear must be True or False"),
+        (dict(ratio=True), r"ratio must be a number in \(0, 1\] or None, got True \(bool\)"),
+        (dict(channels=[("0", 2)]), r"channels must map layer names to a count, a ratio or None, got list"),
+        (dict(channels={0: 2}), r"channels keys must be layer names or patterns \(str\), got 0 \(int\)"),
+        (dict(strength=True), r"strength must be a finite number >= 0 that float32 holds .*got True \(bool\)"),
+        (dict(strength="3e-3"), r"strength must be a finite number >= 0 .*got '3e-3' \(str\)"),
+        (dict(strength=10**400), r"strength must be a finite number >= 0 .*got an int of 1329 bits"),
+        (dict(weight_decay=None), r"weight_decay must be a finite number >= 0 .*got None"),
+        (dict(norm_factor=1e39), r"norm_factor must be a finite number >= 0 that float32 holds \(at most 3.403e\+38\)"),
+        (dict(iterations=True), r"iterations must be an int >= 1, got True \(bool\)"),
+        (dict(iterations=30.0), r"iterations must be an int >= 1, got 30.0 \(float\)"),
+        (dict(seed=2**64), r"seed must be an int in 0..9223372036854775807 \(2\*\*63 - 1, torch's largest seed\)"),
+        (dict(seed=-1), r"seed must be an int in 0..9223372036854775807"),
+        (dict(seed=False), r"seed must be an int in 0..9223372036854775807 .*got False \(bool\)"),
+        (dict(strict="False"), r"strict must be True or False, got 'False' \(str\); pass the bool itself"),
     ],
 )
 def test_spec_rejects_bad_values(kwargs, words):
     with pytest.raises(SpecError, match=words):
         CSGDSpec(**kwargs)
+
+
+def test_largest_seed_clusters_and_a_bool_override_of_the_strength_is_refused():
+    plan = cluster_filters(vgg(), CSGDSpec(ratio=0.5, seed=2**63 - 1))  # torch's generator takes it
+    assert plan.clustered()
+    with pytest.raises(SpecError, match=r"strength must be a finite number >= 0 .*got True \(bool\)"):
+        CentripetalSGD(vgg(), plan, strength=True)
+    with pytest.raises(SpecError, match=r"weight_decay must be a finite number >= 0 that float32 holds"):
+        CentripetalSGD(vgg(), plan, weight_decay=1e39)
 
 
 def test_spec_round_trips_through_a_dict():

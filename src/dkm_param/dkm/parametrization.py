@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import DKMError
+from ..errors import DKMError, RegistrationError
 from ..format import CompressedLayer
 from ..ops import kmeans, layout, soft
 from ..ops.dtypes import compute_dtype
-from ..spec import LayerSpec
+from ..spec import FLOAT32_MAX, FLOAT32_TINY, LayerSpec
 
 
 class DKMParametrization(nn.Module):
@@ -20,6 +20,9 @@ class DKMParametrization(nn.Module):
     warm-started centroids; ``tau`` and ``epsilon`` (groups,), the
     temperature and the absolute convergence threshold; ``scale`` (rows,)
     with ``spec.channel_scale``.
+
+    Raises RegistrationError when a temperature derived with ``tau_rel``, or
+    the threshold, does not fit float32 (it would be 0 or inf).
 
     Each group also keeps the order in which its values were last grouped
     (``soft.OrderCache``, 4 bytes a weight, not in ``state_dict``), so that a
@@ -58,7 +61,14 @@ class DKMParametrization(nn.Module):
             books = codebook.to(device=work.device, dtype=work.dtype).reshape(len(groups), spec.clusters, spec.dim)
             books = torch.stack([self._pin(b[self._pinned:]) for b in books])
         taus = torch.stack([self._temperature(v, book[self._pinned:]) for v, book in zip(live, books)])
+        self._check_temperatures(taus, live, books)
         spread = torch.stack([v.std(unbiased=False) if len(v) > 1 else v.new_zeros(()) for v in live])
+        epsilon = (spec.epsilon * spread).to(work.dtype)
+        if not torch.isfinite(epsilon).all():
+            raise RegistrationError(
+                f"layer '{name}': the convergence threshold epsilon ({spec.epsilon:g}) x the weight's spread "
+                f"({float(spread.double().max()):.3g}) overflows {work.dtype}; lower epsilon in the layer's spec"
+            )
         if spec.settle_iter:
             books = torch.stack([
                 self._pin(soft.settle(v, book[self._pinned:], float(tau), spec.settle_iter,
@@ -67,7 +77,7 @@ class DKMParametrization(nn.Module):
             ])
         self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
         self.register_buffer("tau", taus.to(work.dtype))
-        self.register_buffer("epsilon", (spec.epsilon * spread).to(work.dtype))
+        self.register_buffer("epsilon", epsilon)
         self._cached: tuple[tuple, Tensor] | None = None
         # each group's value order, reused from step to step (not state: a speed-up only)
         self._orders = [soft.OrderCache() for _ in range(len(groups))]
@@ -85,14 +95,51 @@ class DKMParametrization(nn.Module):
         return vectors if self.zeros is None else vectors[~self.zeros[group]]
 
     def _temperature(self, vectors: Tensor, codebook: Tensor) -> Tensor:
+        """The group's tau: the spec's, or ``tau_rel`` times the clustering error (the centroids'
+        spacing for a weight already on its centroids); ``_check_temperatures`` vets it."""
         if self.spec.tau is not None:
             return torch.tensor(self.spec.tau, dtype=vectors.dtype)
         if not len(vectors):
             return torch.ones((), dtype=vectors.dtype)  # nothing to cluster in this group
         tau = self.spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
         if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
-            tau = self.spec.tau_rel * _spacing(codebook).clamp_min(torch.finfo(vectors.dtype).tiny)
+            if (codebook == codebook[:1]).all():  # one value: nothing to tell apart, any tau serves
+                return torch.tensor(max(self.spec.tau_rel * FLOAT32_TINY, FLOAT32_TINY), dtype=vectors.dtype)
+            tau = self.spec.tau_rel * _spacing(codebook)
         return tau
+
+    def _check_temperatures(self, taus: Tensor, live: list[Tensor], books: Tensor) -> None:
+        """Raise RegistrationError for a derived tau that is not a positive normal float32:
+        as 0 it would divide by zero, as inf collapse the layer."""
+        fits = (taus >= FLOAT32_TINY) & (taus <= FLOAT32_MAX)  # NaN fails both
+        if self.spec.tau is not None or bool(fits.all()):
+            return
+        group = int((~fits).nonzero()[0, 0])
+        if not torch.isfinite(live[group]).all():
+            raise RegistrationError(self._non_finite("the weight holds NaN or Inf", live[group]))
+        vectors, codebook = live[group].double(), books[group, self._pinned:].double()
+        error = float(kmeans.squared_distance_to_nearest(vectors, codebook).mean())
+        what = "the mean squared distance to the nearest centroid"
+        if error == 0:
+            what, error = "the centroids' spacing", float(_spacing(codebook))
+        tau = self.spec.tau_rel * error
+        where = f" (group {group} of {len(taus)})" if len(taus) > 1 else ""
+        over = float(taus[group]) > FLOAT32_MAX
+        derived = f"the derived temperature tau = tau_rel ({self.spec.tau_rel:g}) x {what} ({error:.3g}) = {tau:.3g}"
+        unit = "set channel_scale=True in the layer's spec to cluster each output channel at unit scale"
+        reach = float(vectors.abs().max())
+        if FLOAT32_TINY <= tau <= FLOAT32_MAX:  # tau itself fits: the squared distances on the way do not
+            raise RegistrationError(
+                f"layer '{self.name}'{where}: {derived} cannot be computed in {taus.dtype}: the squared distances "
+                f"of a weight reaching {reach:.3g} {'overflow to inf' if over else 'underflow to 0'}; "
+                f"scale the weight, or {unit}"
+            )
+        raise RegistrationError(
+            f"layer '{self.name}'{where}: {derived} {'overflows' if over else 'underflows'} float32, where it "
+            f"must lie in {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g} (0 would divide by zero, inf collapse the "
+            f"layer; the weight reaches {reach:.3g}); {'lower' if over else 'raise'} tau_rel or set tau= "
+            f"explicitly, or {unit}"
+        )
 
     def extra_repr(self) -> str:
         spec = self.spec

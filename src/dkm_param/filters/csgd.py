@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import SpecError
 from ..ops.kmeans import init_codebook, nearest
-from ..spec import CONFIG_VERSION, config_from_dict
+from ..spec import CONFIG_VERSION, FLOAT32_MAX, MAX_SEED, config_from_dict, show_value
 from ..tables import render_table
 from .routes import out_channels, producers, routes
 from .thinning import merge
@@ -46,7 +46,8 @@ class CSGDSpec:
     norm_factor: the layer's bias and its batch norm's scale and shift get
         ``norm_factor * strength`` (the paper: 0.1).
     iterations: Lloyd iterations of the filter k-means.
-    seed: seed of the k-means++ initialisation, so clusters are repeatable.
+    seed: seed of the k-means++ initialisation, so clusters are repeatable
+        (at most ``2**63 - 1``, the largest seed torch's generator takes).
     strict: raise instead of skipping a layer that ``ratio`` or a pattern
         selected but surgery cannot thin.
     """
@@ -63,14 +64,22 @@ class CSGDSpec:
 
     def __post_init__(self):
         if self.ratio is not None and not (_is_real(self.ratio) and 0 < self.ratio <= 1):
-            raise SpecError(f"ratio must be a number in (0, 1] or None, got {self.ratio!r}")
+            raise SpecError(
+                f"ratio must be a number in (0, 1] or None, got {show_value(self.ratio)} "
+                f"({type(self.ratio).__name__}); e.g. 5/8 keeps 20 of 32 channels, None thins only the layers "
+                "named in channels"
+            )
         if not isinstance(self.channels, Mapping):
             raise SpecError(
-                f"channels must map layer names to a count, a ratio or None, got {type(self.channels).__name__}"
+                f"channels must map layer names to a count, a ratio or None, got {type(self.channels).__name__}; "
+                "write e.g. channels={'features.0': 24, r'features\\.\\d+': 0.5}"
             )
         for key, value in self.channels.items():
             if not isinstance(key, str):
-                raise SpecError(f"channels keys must be layer names or patterns (str), got {key!r}")
+                raise SpecError(
+                    f"channels keys must be layer names or patterns (str), got {key!r} ({type(key).__name__}); "
+                    "write the name as a string"
+                )
             try:
                 re.compile(key)
             except re.error as exc:
@@ -79,10 +88,14 @@ class CSGDSpec:
                 continue
             if isinstance(value, bool) or not _is_real(value):
                 raise SpecError(
-                    f"channels[{key!r}] must be an int count, a float ratio in (0, 1] or None, got {value!r}"
+                    f"channels[{key!r}] must be an int count, a float ratio in (0, 1] or None, got {value!r} "
+                    f"({type(value).__name__})"
                 )
             if isinstance(value, int) and value < 1:
-                raise SpecError(f"channels[{key!r}] must be at least 1 channel, got {value}")
+                raise SpecError(
+                    f"channels[{key!r}] must be at least 1 channel, got {show_value(value)}; "
+                    "give None to skip the layer"
+                )
             if isinstance(value, float) and not 0 < value <= 1:
                 raise SpecError(
                     f"channels[{key!r}] = {value} is a float, read as a ratio, and must be in (0, 1]; give an "
@@ -92,15 +105,26 @@ class CSGDSpec:
             raise SpecError("the spec selects no layer: give ratio= (e.g. 5/8) or channels={'layer name': count}")
         for name in ("strength", "weight_decay", "norm_factor"):
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and value >= 0):
-                raise SpecError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name, low in (("iterations", 1), ("seed", 0)):
+            # comparisons, not math.isfinite, which a huge int overflows; the gradients are often float32
+            if not (_is_real(value) and 0 <= value <= FLOAT32_MAX):
+                raise SpecError(
+                    f"{name} must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got "
+                    f"{show_value(value)} ({type(value).__name__}); pass an int or a float in that range"
+                )
+        for name, low, high in (("iterations", 1, None), ("seed", 0, MAX_SEED)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise SpecError(f"{name} must be an int >= {low}, got {value!r}")
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                span = f">= {low}" if high is None else f"in {low}..{high} (2**63 - 1, torch's largest seed)"
+                raise SpecError(
+                    f"{name} must be an int {span}, got {show_value(value)} ({type(value).__name__}); "
+                    "pass a whole number in that range"
+                )
         for name in ("linear", "strict"):
-            if not isinstance(getattr(self, name), bool):
-                raise SpecError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise SpecError(
+                    f"{name} must be True or False, got {value!r} ({type(value).__name__}); pass the bool itself"
+                )
 
     def replace(self, **changes: Any) -> "CSGDSpec":
         """A copy with some fields changed (validated again)."""
@@ -470,3 +494,7 @@ def collapse_(model: nn.Module, plan: FilterPlan) -> None:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
