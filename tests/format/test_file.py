@@ -1,5 +1,9 @@
 import json
 import os
+import stat
+import subprocess
+import sys
+import tracemalloc
 
 import pytest
 import torch
@@ -124,16 +128,82 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     _, compressed, _ = trained_and_finalized()
     path = compressed.save(tmp_path / "m.safetensors")
     good = path.read_bytes()
+    written = []
 
-    def broken(handle, data):
-        handle.write(data[: len(data) // 2])  # the process dies halfway through the write
-        raise OSError("disk full")
+    def broken(tensor):
+        written.append(tensor)
+        if len(written) == 3:  # the disk fills halfway through the tensors
+            raise OSError("disk full")
+        return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    monkeypatch.setattr(writer, "_write_all", broken)
+    monkeypatch.setattr(writer, "_as_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         compressed.save(path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_new_file_gets_the_umask_mode_and_an_old_one_keeps_its_own(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    old = os.umask(0o027)
+    try:
+        path = compressed.save(tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.chmod(0o604)
+    compressed.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604
+
+
+def test_saving_through_a_symbolic_link_writes_its_target(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    target = tmp_path / "real.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    compressed.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert dp.read_compressed(target).layers.keys() == compressed.layers.keys()
+
+
+def test_a_killed_save_leaves_temporaries_the_next_save_removes(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone
+    stale = tmp_path / f".m.safetensors.dkm-{dead.pid}-0123abcd.tmp"
+    stale.write_bytes(b"half a file")
+    live = tmp_path / f".m.safetensors.dkm-{os.getppid()}-0123abcd.tmp"  # a save still under way elsewhere
+    live.write_bytes(b"in progress")
+    other = tmp_path / ".notes.txt.dkm-1-0123abcd.tmp"
+    other.write_bytes(b"another file's")
+    compressed.save(tmp_path / "m.safetensors")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_names_used_twice_are_refused_before_anything_is_written(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    layer = next(iter(compressed.layers))
+    clash = dp.CompressedModel(compressed.layers, {**compressed.tensors, f"{layer}.codebook": torch.zeros(1)})
+    with pytest.raises(dp.FormatError, match="used twice"):
+        clash.save(tmp_path / "a.safetensors")
+    aliased = dp.CompressedModel(compressed.layers, compressed.tensors, aliases={layer: "1.bias"})
+    with pytest.raises(dp.FormatError, match="also the name of a stored layer"):
+        aliased.save(tmp_path / "b.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_streams_instead_of_building_the_file_in_memory(tmp_path):
+    model = nn.Linear(2048, 2048, bias=False)  # 16 MiB of float32 plain tensors
+    compressed = dp.CompressedModel(layers={}, tensors={"big": model.weight.detach()})
+    tracemalloc.start()
+    try:
+        compressed.save(tmp_path / "big.safetensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20  # no copy of the 16 MiB through Python's own allocations
+    assert (tmp_path / "big.safetensors").stat().st_size > 16 * 2**20
 
 
 def test_tied_weights_are_stored_once_and_restored_tied(tmp_path):
@@ -163,11 +233,14 @@ def test_wrong_format_and_future_version_are_rejected(tmp_path):
     with pytest.raises(dp.FormatError, match="format version '9' is not supported"):
         dp.read_compressed(tmp_path / "v9.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(dp.FormatError, match="5 bytes is too short for a safetensors file"):
+        dp.read_compressed(tmp_path / "junk.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"not json")
     with pytest.raises(dp.FormatError, match="not a readable safetensors file"):
         dp.read_compressed(tmp_path / "junk.safetensors")
 
 
-@settings(max_examples=40)
+@settings(max_examples=25)
 @given(spec=storage_specs(rows=8), seed=st.integers(0, 2**16))
 def test_the_file_carries_the_whole_storage_spec(tmp_path_factory, spec, seed):
     # preserve_zeros once read back as False, and a single group's group_size as None

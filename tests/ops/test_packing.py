@@ -13,7 +13,26 @@ def test_pack_unpack_is_identity(bits, count, seed):
     packed = packing.pack(indices, bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packing.packed_size(count, bits) == -(-count * bits // 8)
-    assert torch.equal(packing.unpack(packed, bits, count), indices)
+    unpacked = packing.unpack(packed, bits, count)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked.long(), indices)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 7])
+def test_pack_unpack_is_identity_across_chunks(bits, monkeypatch):
+    monkeypatch.setattr(packing, "_CHUNK_GROUPS", 3)  # chunks of 24 indices
+    gen = torch.Generator().manual_seed(bits)
+    for count in (0, 1, 23, 24, 25, 100, 191):
+        indices = torch.randint(0, 1 << bits, (count,), generator=gen)
+        packed = packing.pack(indices, bits)
+        assert torch.equal(packed, _pack_reference(indices, bits))
+        assert torch.equal(packing.unpack(packed, bits, count).long(), indices)
+
+
+def _pack_reference(indices, bits):
+    stream = [(int(v) >> b) & 1 for v in indices for b in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return torch.tensor([sum(bit << j for j, bit in enumerate(stream[i : i + 8])) for i in range(0, len(stream), 8)],
+                        dtype=torch.uint8)
 
 
 def test_bits_are_packed_least_significant_first():

@@ -5,7 +5,7 @@ without DKM, post-training or filters.
 """
 
 from .layer import CompressedLayer
-from .model import CompressedModel, assemble, load_state
+from .model import CompressedModel, assemble
 from .reader import load_compressed, read_compressed
 from .summary import Summary, SummaryRow, summarize
 from .writer import FORMAT_NAME, FORMAT_VERSION
@@ -19,7 +19,6 @@ __all__ = [
     "SummaryRow",
     "assemble",
     "load_compressed",
-    "load_state",
     "read_compressed",
     "summarize",
 ]

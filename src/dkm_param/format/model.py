@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -43,8 +44,31 @@ class CompressedModel:
         return state
 
     def load_into(self, model: nn.Module) -> nn.Module:
-        """Copy the decoded weights into ``model`` (an ordinary, unregistered model), in place."""
-        return load_state(model, self.state_dict())
+        """Copy the decoded weights into ``model`` (an ordinary, unregistered model), in place.
+
+        Every name, shape and dtype is checked against the model before
+        anything is decoded or changed; the layers are then decoded one at a
+        time, so memory beyond the model is about its largest layer.
+        Raises RegistrationError for a model that does not fit.
+        """
+        _check_fits(model, self._declared())
+        with torch.no_grad():
+            plain = dict(self.tensors)
+            plain.update({alias: self.tensors[target] for alias, target in self.aliases.items() if target in plain})
+            model.load_state_dict(plain, strict=False)
+            for name, layer in self.layers.items():
+                weight = layer.weight()
+                tied = {alias: weight for alias, target in self.aliases.items() if target == name}
+                model.load_state_dict({name: weight, **tied}, strict=False)
+                del weight, tied
+        return model
+
+    def _declared(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The state_dict this model decodes to, as name -> (shape, dtype), decoding nothing."""
+        declared = {name: (tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
+        declared.update({name: (tuple(layer.shape), layer.dtype) for name, layer in self.layers.items()})
+        declared.update({alias: declared[target] for alias, target in self.aliases.items()})
+        return declared
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one .safetensors file atomically: a failed save leaves any old file intact."""
@@ -82,12 +106,8 @@ def _plain_tensors(state: dict[str, Tensor], skip: set[str]) -> tuple[dict[str, 
     return tensors, aliases
 
 
-def load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
-    """Load a complete state_dict into a plain ``model`` in place, naming every key that does not fit.
-
-    Raises RegistrationError, before changing anything, for a model with
-    parametrized weights (DKM registered) or a state that does not fit it.
-    """
+def _check_fits(model: nn.Module, declared: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Raise RegistrationError unless ``declared`` (name -> shape, dtype) is exactly a plain model's state_dict."""
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             raise RegistrationError(
@@ -95,18 +115,23 @@ def load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
                 "(or call dp.finalize or dp.remove_dkm first)"
             )
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    mismatched += [
-        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
-        for k in own
-        if k in state and tuple(state[k].shape) == tuple(own[k].shape) and state[k].dtype != own[k].dtype
-    ]
+    on_meta = [k for k, t in own.items() if t.device.type == "meta"]
+    if on_meta:
+        raise RegistrationError(
+            f"the model's tensors are on the meta device ({_few(on_meta)}); materialize it first, "
+            "e.g. model.to_empty(device='cpu'), then load"
+        )
+    missing = sorted(set(own) - set(declared))
+    unexpected = sorted(set(declared) - set(own))
+    mismatched = []
+    for k in own:
+        if k not in declared:
+            continue
+        shape, dtype = declared[k]
+        if shape != tuple(own[k].shape):
+            mismatched.append(f"{k}: file {shape} vs model {tuple(own[k].shape)}")
+        elif dtype != own[k].dtype:
+            mismatched.append(f"{k}: file {dtype} vs model {own[k].dtype}")
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -116,10 +141,8 @@ def load_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         if mismatched:
             parts.append(f"shape or dtype differs: {_few(mismatched)}")
         raise RegistrationError("file does not fit the model; " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def _few(items: list[str], limit: int = 5) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    return ", ".join(repr(item)[1:-1] if not item.isprintable() else item for item in items[:limit]) + more

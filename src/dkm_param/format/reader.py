@@ -1,4 +1,4 @@
-"""The file's strict reader: every field and tensor shape checked before the tensors are read."""
+"""The file's strict reader: every metadata field, name and tensor shape checked before a tensor is read."""
 
 from __future__ import annotations
 
@@ -6,111 +6,190 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import FormatError, SpecError
 from ..ops import layout, packing
-from ..ops.dtypes import DTYPES, is_supported
-from ..spec import StorageSpec
+from ..ops.dtypes import DTYPES, compute_dtype, is_supported
+from ..spec import LAYOUTS, MAX_BITS, StorageSpec
 from .layer import CompressedLayer
 from .model import CompressedModel
 from .writer import FORMAT_NAME, FORMAT_VERSION
 
+# safetensors refuses larger headers; so do we, before it reads one.
+MAX_HEADER_BYTES = 100_000_000
+# The JSON metadata a file may hold: this much, plus this much per tensor it stores.
+_METADATA_BASE = 1 << 16
+_METADATA_PER_TENSOR = 1 << 12
+_LAYER_KEYS = ("shape", "dtype", "bits", "dim", "vectors", "packing", "group_size", "channel_scale",
+               "preserve_zeros", "layout")
+_REQUIRED = ("shape", "dtype", "bits", "dim", "vectors")
+_MAX_DIMS = 16
+_MAX_COUNT = 1 << 62
+
 
 def read_compressed(path: str | os.PathLike) -> CompressedModel:
-    """Read and validate a dkm-param file. Raises FormatError on a bad file."""
+    """Read and validate a dkm-param file; decodes nothing.
+
+    Every metadata field must have its exact JSON type and lie in range, every
+    name must be unique across layers, plain tensors and aliases, and every
+    tensor's shape and dtype must fit its layer, all checked before the
+    tensors are read; decoded weights must be finite in their dtype.
+    Memory stays within a small multiple of the file's size.
+    Raises FormatError for anything else, FileNotFoundError for a missing file.
+    """
     path = Path(path)
+    _check_header_size(path)
     try:
         handle = safe_open(str(path), framework="pt")
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own errors for bad headers
-        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise FormatError(f"{path}: not a readable safetensors file ({_short(str(exc), 200)})") from None
     with handle as f:
         meta = f.metadata() or {}
+        keys = set(f.keys())
         if meta.get("format") != FORMAT_NAME:
-            raise FormatError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+            raise FormatError(f"{path}: format is {_short(meta.get('format'))}, expected {FORMAT_NAME!r}")
         version = meta.get("format_version")
         if version != str(FORMAT_VERSION):
             raise FormatError(
-                f"{path}: format version {version!r} is not supported (this dkm_param reads {FORMAT_VERSION}); "
+                f"{path}: format version {_short(version)} is not supported (this dkm_param reads {FORMAT_VERSION}); "
                 "upgrade dkm_param to read newer files"
             )
-        layers_meta = _json(path, meta, "layers")
-        aliases = _json(path, meta, "aliases")
-        keys = set(f.keys())
+        budget = _METADATA_BASE + _METADATA_PER_TENSOR * len(keys)
+        layers_meta = _json_object(path, meta, "layers", budget)
+        aliases = _json_object(path, meta, "aliases", budget)
         layers = {name: _read_layer(path, f, keys, name, info) for name, info in layers_meta.items()}
-        used = {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
-        tensors = {k: f.get_tensor(k) for k in sorted(keys - used)}
-    for alias, target in aliases.items():
-        if target not in layers and target not in tensors:
-            raise FormatError(f"{path}: alias {alias!r} points at {target!r}, which the file does not hold")
+        plain = keys - {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
+        _check_names(path, layers, plain, aliases)
+        tensors = {k: _tensor(path, f, k) for k in sorted(plain)}
     return CompressedModel(layers=layers, tensors=tensors, aliases=aliases)
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load a dkm-param file into ``model`` in place: its weights become the snapped weights, bit for bit."""
+    """Load a dkm-param file into ``model`` in place: its weights become the snapped weights, bit for bit.
+
+    The file is checked whole, and against the model's names, shapes and
+    dtypes, before anything is decoded; layers are then decoded one at a time.
+    """
     return read_compressed(path).load_into(model)
 
 
-def _json(path: Path, meta: dict, key: str) -> dict:
+def _check_header_size(path: Path) -> None:
     try:
-        value = json.loads(meta.get(key, "{}"))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+        with open(path, "rb") as handle:
+            first = handle.read(8)
+            size = os.fstat(handle.fileno()).st_size
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a safetensors file") from None
+    if len(first) < 8:
+        raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
+    header = int.from_bytes(first, "little")
+    if header > min(size - 8, MAX_HEADER_BYTES):
+        raise FormatError(f"{path}: header of {header} bytes does not fit the file's {size} bytes or 100 MB")
+
+
+def _json_object(path: Path, meta: dict, key: str, budget: int) -> dict:
+    """Metadata ``key`` parsed as a JSON object, refused unread when larger than ``budget`` bytes."""
+    text = meta.get(key, "{}")
+    if len(text) > budget:
+        raise FormatError(
+            f"{path}: metadata {key!r} is {len(text)} bytes, more than a file of its tensors can need ({budget})"
+        )
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, and so is a huge integer
+        raise FormatError(f"{path}: metadata {key!r} is not valid JSON ({_short(str(exc), 120)})") from None
     if not isinstance(value, dict):
-        raise FormatError(f"{path}: metadata {key!r} must be a JSON object")
+        raise FormatError(f"{path}: metadata {key!r} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLayer:
-    where = f"{path}: layer {name!r}"
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _check_names(path: Path, layers: dict, plain: set[str], aliases: dict) -> None:
+    """Every name the state_dict will hold is given once; aliases point at a stored layer or tensor."""
+    for name in sorted(plain & set(layers)):
+        raise FormatError(f"{path}: {_short(name)} is both a clustered layer and a plain tensor; a name is stored once")
+    for alias, target in aliases.items():
+        if not isinstance(target, str):
+            raise FormatError(f"{path}: alias {_short(alias)} must name a tensor, got {type(target).__name__}")
+        if alias in layers or alias in plain:
+            raise FormatError(f"{path}: alias {_short(alias)} is also the name of a stored layer or tensor")
+        if target not in layers and target not in plain:
+            raise FormatError(f"{path}: alias {_short(alias)} points at {_short(target)}, which the file does not hold")
+
+
+def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> CompressedLayer:
+    where = f"{path}: layer {_short(name)}"
     if not isinstance(info, dict):
-        raise FormatError(f"{where}: description must be a JSON object")
-    try:
-        shape = tuple(int(s) for s in info["shape"])
-        bits, dim, vectors = int(info["bits"]), int(info["dim"]), int(info["vectors"])
-        dtype = DTYPES[info["dtype"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(f"{where}: bad or missing field in its description ({exc!r})") from None
+        raise FormatError(f"{where}: description must be a JSON object, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(_LAYER_KEYS))
+    if unknown:
+        raise FormatError(f"{where}: unknown key(s) {_short(unknown)}; this dkm_param knows {', '.join(_LAYER_KEYS)}")
+    missing = [key for key in _REQUIRED if key not in info]
+    if missing:
+        raise FormatError(f"{where}: description lacks {', '.join(missing)}")
+    shape = info["shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= _MAX_DIMS:
+        raise FormatError(f"{where}: shape must be a list of 1 to {_MAX_DIMS} integers, got {_short(shape)}")
+    shape = tuple(_int(where, "shape", s, 1, _MAX_COUNT) for s in shape)
+    bits = _int(where, "bits", info["bits"], 1, MAX_BITS)
+    dim = _int(where, "dim", info["dim"], 1, _MAX_COUNT)
+    vectors = _int(where, "vectors", info["vectors"], 1, _MAX_COUNT)
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise FormatError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {_short(info['dtype'])}")
     if info.get("packing", "lsb") != "lsb":
-        raise FormatError(f"{where}: unknown packing {info.get('packing')!r}")
-    if not 1 <= bits <= 8 or dim < 1 or any(s < 0 for s in shape):
-        raise FormatError(f"{where}: bits={bits}, dim={dim}, shape={shape} are out of range")
-    if vectors * dim != math.prod(shape):
+        raise FormatError(f"{where}: unknown packing {_short(info.get('packing'))}; this dkm_param reads 'lsb'")
+    numel = math.prod(shape)
+    if vectors * dim != numel:
         raise FormatError(f"{where}: {vectors} vectors of dim {dim} do not make shape {shape}")
+    group_size = info.get("group_size")
+    if group_size is not None:
+        group_size = _int(where, "group_size", group_size, 1, _MAX_COUNT)
+    layout_name = info.get("layout", "flat")
+    if layout_name not in LAYOUTS:
+        raise FormatError(f"{where}: layout must be one of {', '.join(LAYOUTS)}, got {_short(layout_name)}")
     for part in ("codebook", "indices"):
         if f"{name}.{part}" not in keys:
-            raise FormatError(f"{where}: tensor {name}.{part} is missing")
+            raise FormatError(f"{where}: tensor {_short(name + '.' + part)} is missing")
     has_scale = f"{name}.scale" in keys
-    # files written before the whole StorageSpec was stored lack the last three keys
-    channel_scale = info.get("channel_scale", has_scale)
+    # files written before the whole StorageSpec was stored lack the last keys
+    channel_scale = _flag(where, "channel_scale", info.get("channel_scale", has_scale))
     if channel_scale is not has_scale:
-        raise FormatError(
-            f"{where}: channel_scale is {channel_scale!r} but the scale tensor is {'' if has_scale else 'not '}there"
-        )
+        there = "there" if has_scale else "not there"
+        raise FormatError(f"{where}: channel_scale is {channel_scale} but the scale tensor is {there}")
     try:
         spec = StorageSpec(
             bits=bits,
             dim=dim,
-            group_size=info.get("group_size"),
+            group_size=group_size,
             channel_scale=channel_scale,
-            preserve_zeros=info.get("preserve_zeros", False),
-            layout=info.get("layout", "flat"),
+            preserve_zeros=_flag(where, "preserve_zeros", info.get("preserve_zeros", False)),
+            layout=layout_name,
         )
     except SpecError as exc:
         raise FormatError(f"{where}: {exc}") from None
     rows = layout.rows(shape)
-    if spec.group_size is not None and rows % spec.group_size:
-        raise FormatError(f"{where}: group_size {spec.group_size!r} does not divide its {rows} output channels")
-    groups = layout.groups(shape, spec.group_size)
+    if group_size is not None and rows % group_size:
+        raise FormatError(f"{where}: group_size {group_size} does not divide its {rows} output channels")
+    groups = layout.groups(shape, group_size)
     if vectors % groups:
         raise FormatError(f"{where}: {vectors} vectors do not split into {groups} groups")
-    codebook_shape = tuple(f.get_slice(f"{name}.codebook").get_shape())
-    lead = (groups,) if spec.group_size is not None else ()
+    if layout_name == "input" and len(shape) > 2 and shape[1] % dim:
+        raise FormatError(f"{where}: dim {dim} does not divide its {shape[1]} input channels (layout 'input')")
+    if spec.per_channel and (numel // rows) % dim:
+        raise FormatError(f"{where}: dim {dim} does not divide an output channel's {numel // rows} values")
+    codebook_shape = _shape(path, f, f"{name}.codebook")
+    lead = (groups,) if group_size is not None else ()
     if (
         len(codebook_shape) != len(lead) + 2
         or codebook_shape[: len(lead)] != lead
@@ -120,32 +199,77 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info) -> CompressedLay
         raise FormatError(
             f"{where}: codebook shape {codebook_shape} does not fit bits={bits}, dim={dim}, groups={groups}"
         )
-    scale = None
-    if has_scale:
-        if tuple(f.get_slice(f"{name}.scale").get_shape()) != (rows,):
-            raise FormatError(f"{where}: scale must have shape ({rows},)")
-        scale = f.get_tensor(f"{name}.scale")
-        if not is_supported(scale.dtype) or not torch.isfinite(scale).all():
-            raise FormatError(f"{where}: scale must be finite floats")
-    indices_shape = tuple(f.get_slice(f"{name}.indices").get_shape())
+    indices_shape = _shape(path, f, f"{name}.indices")
     if indices_shape != (packing.packed_size(vectors, bits),):
         raise FormatError(
             f"{where}: packed indices have shape {indices_shape}, expected ({packing.packed_size(vectors, bits)},)"
         )
-    packed = f.get_tensor(f"{name}.indices")
+    scale = None
+    if has_scale:
+        if _shape(path, f, f"{name}.scale") != (rows,):
+            raise FormatError(f"{where}: scale must have shape ({rows},)")
+        scale = _tensor(path, f, f"{name}.scale")
+        if not is_supported(scale.dtype) or not torch.isfinite(scale).all():
+            raise FormatError(f"{where}: scale must be finite floats of a supported dtype, got {scale.dtype}")
+    packed = _tensor(path, f, f"{name}.indices")
     if packed.dtype != torch.uint8:
         raise FormatError(f"{where}: packed indices must be uint8, got {packed.dtype}")
-    codebook = f.get_tensor(f"{name}.codebook")
+    codebook = _tensor(path, f, f"{name}.codebook")
     if not is_supported(codebook.dtype):
         raise FormatError(f"{where}: codebook dtype {codebook.dtype} is not supported")
     if not torch.isfinite(codebook).all():
         raise FormatError(f"{where}: codebook holds NaN or Inf")
     if spec.preserve_zeros and (codebook[..., 0, :] != 0).any():
         raise FormatError(f"{where}: preserve_zeros is set but codebook entry 0 is not zero")
+    _check_decodes_finite(where, codebook, scale, shape, group_size, dtype)
     indices = packing.unpack(packed, bits, vectors)
     entries = codebook.shape[-2]
-    if vectors and int(indices.max()) >= entries:
+    if int(indices.max()) >= entries:
         raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {entries}-entry codebook")
-    return CompressedLayer(
-        shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices.to(torch.uint8), scale=scale
-    )
+    return CompressedLayer(shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices, scale=scale)
+
+
+def _check_decodes_finite(where: str, codebook: Tensor, scale: Tensor | None, shape, group_size, dtype) -> None:
+    """Every codebook entry, times its rows' scales, must be finite once computed and cast as decoding does."""
+    work = compute_dtype(dtype)
+    largest = codebook.to(work).abs().amax(dim=(-2, -1)).reshape(-1)  # (groups,)
+    if scale is not None:
+        per_group = layout.rows(shape) // largest.numel()
+        largest = scale.to(work).abs() * largest.repeat_interleave(per_group)  # (rows,)
+    if not torch.isfinite(largest.to(dtype)).all():
+        raise FormatError(
+            f"{where}: decoded weights would overflow {str(dtype).removeprefix('torch.')} "
+            f"(codebook{' times scale' if scale is not None else ''} up to {float(largest.max()):.3g})"
+        )
+
+
+def _int(where: str, key: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise FormatError(f"{where}: {key} must be an integer in {low}..{high}, got {_short(value)}")
+    return value
+
+
+def _flag(where: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}: {key} must be true or false, got {_short(value)}")
+    return value
+
+
+def _shape(path: Path, f, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(f.get_slice(name).get_shape())
+    except Exception as exc:  # safetensors' own error types
+        raise FormatError(f"{path}: tensor {_short(name)} cannot be read ({_short(str(exc), 120)})") from None
+
+
+def _tensor(path: Path, f, name: str) -> Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as exc:  # e.g. a dtype this torch does not have
+        raise FormatError(f"{path}: tensor {_short(name)} cannot be read ({_short(str(exc), 120)})") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: hostile values can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,16 +1,19 @@
-"""The file's writer: a CompressedModel as one canonical safetensors file, written atomically."""
+"""The file's writer: a CompressedModel as one canonical safetensors file, streamed and written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from safetensors.torch import save
+import torch
 from torch import Tensor
 
+from ..errors import FormatError
 from ..ops import packing
 from ..ops.dtypes import dtype_name
 from .layer import CompressedLayer
@@ -20,6 +23,27 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "dkm-param"
 FORMAT_VERSION = 1
+
+# safetensors' names of the dtypes a file can hold
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+                     ("U64", "uint64")):
+    if hasattr(torch, _attr):  # newer torch only
+        SAFETENSORS_DTYPES[getattr(torch, _attr)] = _name
+
+# A temporary file of ours: `.NAME.dkm-PID-RANDOM.tmp` beside the file it will replace.
+_TEMP = re.compile(r"\.(?P<name>.+)\.dkm-(?P<pid>\d+)-[0-9a-f]{8}\.tmp")
 
 
 def layer_description(layer: CompressedLayer) -> dict:
@@ -40,57 +64,158 @@ def layer_description(layer: CompressedLayer) -> dict:
 
 
 def write_file(model: CompressedModel, path: Path) -> Path:
-    """Write ``model`` to ``path``: a failed write leaves any old file intact."""
-    tensors: dict[str, Tensor] = {}
-    layers_meta = {}
-    for name, layer in model.layers.items():
-        tensors[f"{name}.codebook"] = layer.codebook.detach().cpu().contiguous()
-        tensors[f"{name}.indices"] = packing.pack(layer.indices.cpu(), layer.spec.bits)
-        if layer.scale is not None:
-            tensors[f"{name}.scale"] = layer.scale.detach().cpu().contiguous()
-        layers_meta[name] = layer_description(layer)
-    for name, tensor in model.tensors.items():
-        tensors[name] = tensor.detach().cpu().contiguous()
+    """Write ``model`` to ``path`` (through a symbolic link, to its target); returns ``path``.
+
+    The file is streamed tensor by tensor into a temporary file beside the
+    target, flushed, renamed over it and the directory synced: a failed
+    write leaves any old file intact. A new file gets the mode the umask
+    allows, an overwritten one keeps its mode. Temporary files that an
+    earlier, killed save left are removed. Equal models give equal bytes.
+    Raises FormatError, before writing, for a name used twice or a tensor
+    dtype the format cannot hold; OSError for a failed write.
+    """
+    parts = _tensors(model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "layers": json.dumps(layers_meta),
+        "layers": json.dumps({name: layer_description(layer) for name, layer in model.layers.items()}),
         "aliases": json.dumps(model.aliases),
     }
-    _write_atomic(path, _canonical(save(tensors, metadata=metadata)))
+    # wider dtypes first, then by name: every tensor starts aligned to its element size
+    order = sorted(parts, key=lambda name: (-parts[name][1].itemsize, name))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        shape, dtype, nbytes, _ = parts[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def write(handle) -> None:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for name in order:
+            _, _, nbytes, produce = parts[name]
+            if nbytes:
+                handle.write(_as_bytes(produce()))
+
+    _write_atomic(Path(os.path.realpath(path)), write)
     return path
 
 
-def _canonical(blob: bytes) -> bytes:
-    """The same safetensors file with its header's keys sorted.
+def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, Callable[[], Tensor]]]:
+    """Every tensor the file will hold: name -> (shape, dtype, bytes, a function that makes it).
 
-    safetensors keeps metadata in a hash map whose order changes from process
-    to process; sorting makes equal models give byte-identical files. Data
-    offsets are relative to the end of the header, so they stay valid.
+    Packed indices are made only when written, one layer at a time.
     """
-    size = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + blob[8 + size :]
+    parts: dict = {}
+
+    def add(name: str, shape, dtype: torch.dtype, make: Callable[[], Tensor]) -> None:
+        if name in parts:
+            raise FormatError(f"cannot save: the name {name!r} is used twice (a layer's part and a tensor?)")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors name")
+        shape = tuple(int(s) for s in shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        parts[name] = (shape, dtype, numel * dtype.itemsize, make)
+
+    for name, layer in model.layers.items():
+        add(f"{name}.codebook", layer.codebook.shape, layer.codebook.dtype, lambda t=layer.codebook: t)
+        size = packing.packed_size(layer.indices.numel(), layer.spec.bits)
+        add(f"{name}.indices", (size,), torch.uint8, lambda layer=layer: packing.pack(layer.indices, layer.spec.bits))
+        if layer.scale is not None:
+            add(f"{name}.scale", layer.scale.shape, layer.scale.dtype, lambda t=layer.scale: t)
+    for name, tensor in model.tensors.items():
+        add(name, tensor.shape, tensor.dtype, lambda t=tensor: t)
+    taken = set(model.layers) | set(model.tensors)
+    for alias, target in model.aliases.items():
+        if alias in taken or alias in parts:
+            raise FormatError(f"cannot save: alias {alias!r} is also the name of a stored layer or tensor")
+        if target not in taken:
+            raise FormatError(f"cannot save: alias {alias!r} points at {target!r}, neither a layer nor a tensor")
+    return parts
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _as_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's bytes, little-endian as safetensors wants, without another copy where it is already contiguous."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: directory {parent} does not exist")
+    _remove_stale_temporaries(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)  # an overwritten file keeps its mode
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    tmp = parent / f".{path.name}.dkm-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
-            _write_all(handle, data)
+            write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
+    _sync_directory(parent)
 
 
-def _write_all(handle, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), 1 << 24):
-        handle.write(view[start : start + (1 << 24)])
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of saves to ``path`` whose process is gone (killed mid-save)."""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMP.fullmatch(name)
+        if match is None or match["name"] != path.name or _alive(int(match["pid"])):
+            continue
+        try:
+            os.unlink(path.parent / name)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process: leave its file alone
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync the directory, so that the rename itself survives a crash (where the system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
