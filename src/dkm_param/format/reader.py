@@ -22,6 +22,11 @@ from .writer import FORMAT_NAME, FORMAT_VERSION
 
 # safetensors refuses larger headers; so do we, before it reads one.
 MAX_HEADER_BYTES = 100_000_000
+# A header may take this much, plus this many bytes per byte of tensor data: names,
+# shapes and descriptions of the smallest tensors stay far below it; a header that
+# would swamp the parser with little data behind it is refused unread.
+_HEADER_BASE = 1 << 20
+_HEADER_PER_DATA_BYTE = 64
 # The JSON metadata a file may hold: this much, plus this much per tensor it stores.
 _METADATA_BASE = 1 << 16
 _METADATA_PER_TENSOR = 1 << 12
@@ -92,6 +97,12 @@ def _check_header_size(path: Path) -> None:
     header = int.from_bytes(first, "little")
     if header > min(size - 8, MAX_HEADER_BYTES):
         raise FormatError(f"{path}: header of {header} bytes does not fit the file's {size} bytes or 100 MB")
+    data = size - 8 - header
+    if header > _HEADER_BASE + _HEADER_PER_DATA_BYTE * data:
+        raise FormatError(
+            f"{path}: a header of {header} bytes for {data} bytes of tensors is more than any model needs; "
+            "this is not a file dkm_param wrote"
+        )
 
 
 def _json_object(path: Path, meta: dict, key: str, budget: int) -> dict:
