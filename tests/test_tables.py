@@ -18,3 +18,10 @@ def test_a_rule_below_the_rows_when_asked():
 
 def test_sizes_read_in_binary_units():
     assert [format_size(n) for n in (512, 1536, 3 * 2**20, 5 * 2**30)] == ["512 B", "1.50 KiB", "3.00 MiB", "5.00 GiB"]
+
+
+def test_printable_escapes_what_a_terminal_would_act_on():
+    from dkm_param.tables import printable
+
+    assert printable("layer.0 é ü") == "layer.0 é ü"
+    assert printable("a\x1b[2Jb\nc\u202ed\x07") == "a\\x1b[2Jb\\nc\\u202ed\\x07"

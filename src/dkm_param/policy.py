@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import SpecError
+from .errors import RegistrationError, SpecError
 from .ops.dtypes import DTYPES, is_supported
 from .spec import CONFIG_VERSION, MAX_BITS, LayerSpec, config_from_dict, show_value
 from .tables import render_table
@@ -349,3 +349,17 @@ def _tie(rows: list[LayerPlan], candidates: list[tuple[str, nn.Module, Any]]) ->
                     tied_to=rows[lead].name,
                 )
     return out
+
+
+def check_materialized(model: nn.Module, rows: list[LayerPlan]) -> None:
+    """Raise RegistrationError if a selected weight has no data (the meta device), before anything is built."""
+    empty = [row for row in rows if model.get_submodule(row.name).weight.is_meta]
+    if empty:
+        row = empty[0]
+        others = len(empty) - 1
+        more = f" and {others} more selected layer{'s' if others > 1 else ''}" if others else ""
+        raise RegistrationError(
+            f"layer '{row.name}' ({row.module_type}){more}: the weight is on the meta device and holds no values "
+            "to cluster; materialize the model first, e.g. model.to_empty(device='cpu') and then load its weights "
+            "(model.load_state_dict(...)), and try again"
+        )

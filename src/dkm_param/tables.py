@@ -1,4 +1,4 @@
-"""Plain-text tables and byte sizes: the one renderer behind every table the library prints."""
+"""Plain text for people: the one table renderer, byte sizes, and names made safe to print."""
 
 from __future__ import annotations
 
@@ -40,3 +40,9 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (escapes, newlines, bidi controls) written as
+    its Python escape, so that names and metadata from a file cannot drive the terminal or forge lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -202,7 +202,7 @@ def test_bad_policy_is_one_clean_line(capsys, tmp_path, policy, fragment):
 def test_missing_corrupt_and_foreign_files_are_one_clean_line(capsys, tmp_path):
     status, _, err = run(capsys, "inspect", tmp_path / "missing.safetensors")
     assert_clean_error(status, err, "missing.safetensors")
-    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
     status, _, err = run(capsys, "decode", tmp_path / "corrupt.safetensors", tmp_path / "out.safetensors")
     assert_clean_error(status, err, "not a readable safetensors file")
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
@@ -247,3 +247,65 @@ def test_unwritable_outputs_fail_before_the_work(capsys, dkm_file, tmp_path):
     assert_clean_error(status, err, "is a directory; give a file name")
     status, _, err = run(capsys, "inspect", dkm_file, "--plot", missing / "p.png")
     assert_clean_error(status, err, "--plot")
+
+
+def hostile_files(folder, good):
+    """Files crafted against the reader and the terminal, by what they try."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(good))
+    layers = json.loads(meta["layers"])
+    name = sorted(layers)[0]
+
+    def make(what, tensors=tensors, **changes):
+        path = folder / f"{what}.safetensors"
+        save_file(tensors, str(path), metadata={**meta, **changes})
+        return path
+
+    def field(key, value):
+        return json.dumps({**layers, name: {**layers[name], key: value}})
+
+    yield make("nested", layers="[" * 100_000 + "]" * 100_000)
+    yield make("huge-int", layers=field("bits", 3).replace('"bits": 3', '"bits": 1' + "0" * 5000))
+    yield make("float-bits", layers=field("bits", 2.9))
+    yield make("string-shape", layers=field("shape", "84"))
+    yield make("nan", layers=field("dim", float("nan")))
+    yield make("alias-list", aliases=json.dumps({"x": ["y"]}))
+    yield make("alias-over-layer", aliases=json.dumps({name: sorted(layers)[-1]}))
+    yield make("escape", aliases=json.dumps({"\x1b[2J\x1b]0;title\x07\nforged": "x"}))
+
+
+def test_hostile_files_get_one_line_on_stderr_and_status_2(capsys, dkm_file, tmp_path):
+    for path in hostile_files(tmp_path, dkm_file):
+        for command in (["inspect", path], ["inspect", path, "--json"], ["decode", path, tmp_path / "out.safetensors"]):
+            status, out, err = run(capsys, *command)
+            assert status == 2, (path.name, command, err)
+            assert err.count("\n") == 1 and err.startswith("dkm-param: error: "), (path.name, err)
+            assert "\x1b" not in err and "\x07" not in err and "Traceback" not in err
+            assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_inspect_escapes_what_the_file_says_before_printing_it(capsys, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    compressed = dp.palettize(model, dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None))
+    layer = compressed.layers.pop("0.weight")
+    compressed.layers["0.\x1b[2Jweight\u202e"] = layer
+    path = compressed.save(tmp_path / "m.safetensors")
+    status, out, _ = run(capsys, "inspect", path)
+    assert status == 0
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "0.\\x1b[2Jweight\\u202e" in out
+    status, out, _ = run(capsys, "inspect", path, "--json")
+    assert status == 0 and "\x1b" not in out and json.loads(out)["layers"][0]["name"] == "0.\x1b[2Jweight\u202e"
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "note\x1b[2J": "\x1b]0;title\x07\nforged line"})
+    status, out, _ = run(capsys, "inspect", path)
+    assert status == 0 and "\x1b" not in out and "\x07" not in out and "\nforged line" not in out
+    assert "metadata note\\x1b[2J: \\x1b]0;title\\x07\\nforged line" in out

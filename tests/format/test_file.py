@@ -279,3 +279,12 @@ def test_a_file_without_the_newer_storage_keys_still_reads(tmp_path):
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "layers": json.dumps(layers)})
     read = dp.read_compressed(tmp_path / "old.safetensors").layers["w"]
     assert read.spec == dp.StorageSpec(bits=2, channel_scale=True)
+
+
+def test_loading_onto_the_meta_device_is_refused(tmp_path):
+    _, compressed, _ = trained_and_finalized()
+    path = compressed.save(tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        model = convnet()
+    with pytest.raises(dp.RegistrationError, match="on the meta device .* model.to_empty"):
+        dp.load_compressed(path, model)

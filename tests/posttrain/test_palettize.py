@@ -251,3 +251,10 @@ def test_dkm_keeps_pruned_weights_exactly_zero_through_training(tmp_path):
         assert (model.get_submodule(name).weight[mask] == 0).all()
     fresh = dp.load_compressed(compressed.save(tmp_path / "z.safetensors"), mlp(seed=2))
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_meta_model_is_refused_naming_the_layer():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    with pytest.raises(dp.RegistrationError, match=r"layer '0' \(Linear\) and 1 more selected layer: .*meta device"):
+        dp.palettize(model, dp.Policy(small_layer_bits=None))

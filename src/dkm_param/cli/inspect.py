@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..format import FORMAT_NAME, CompressedModel
-from ..tables import format_size, render_table
+from ..tables import format_size, printable, render_table
 
 
 def facts(path: Path, compressed: CompressedModel) -> dict[str, Any]:
@@ -64,11 +64,12 @@ def facts(path: Path, compressed: CompressedModel) -> dict[str, Any]:
 
 def facts_text(facts: dict[str, Any]) -> str:
     """The facts as the text ``inspect`` prints."""
+    # names and metadata come from the file: escaped, so that they cannot drive the terminal
     lines = [
-        f"{facts['file']}: {facts['format']} format version {facts['format_version']}, "
-        f"{format_size(facts['file_bytes'])} on disk"
+        f"{printable(facts['file'])}: {printable(str(facts['format']))} format version "
+        f"{printable(str(facts['format_version']))}, {format_size(facts['file_bytes'])} on disk"
     ]
-    lines += [f"metadata {key}: {value}" for key, value in facts["metadata"].items()]
+    lines += [f"metadata {printable(key)}: {printable(value)}" for key, value in facts["metadata"].items()]
     lines.append("")
     header = ("layer", "shape", "bits", "dim", "codebook", "bits/w", "params", "before", "after", "notes")
     table = []
@@ -83,9 +84,9 @@ def facts_text(facts: dict[str, Any]) -> str:
         if layer["layout"] != "flat":
             notes.append(f"layout {layer['layout']}")
         if layer["shared_with"]:
-            notes.append(f"shared with {', '.join(layer['shared_with'])}")
+            notes.append(f"shared with {', '.join(map(printable, layer['shared_with']))}")
         table.append((
-            layer["name"],
+            printable(layer["name"]),
             _dims(layer["shape"]),
             str(layer["bits"]),
             str(layer["dim"]),
@@ -101,11 +102,11 @@ def facts_text(facts: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"stored plain ({len(plain)} tensors, {format_size(sum(t['bytes'] for t in plain))}):")
     if plain:
-        table = [(t["name"], _dims(t["shape"]), t["dtype"], format_size(t["bytes"])) for t in plain]
+        table = [(printable(t["name"]), _dims(t["shape"]), t["dtype"], format_size(t["bytes"])) for t in plain]
         text = render_table(("tensor", "shape", "dtype", "size"), table, right={3})
         lines += ["  " + line for line in text.splitlines()]
     for alias, target in facts["aliases"].items():
-        lines.append(f"alias: {alias} -> {target} (stored once)")
+        lines.append(f"alias: {printable(alias)} -> {printable(target)} (stored once)")
     lines.append("")
     lines.append(
         f"total: {format_size(facts['bytes_before'])} -> {format_size(facts['bytes_after'])}, "

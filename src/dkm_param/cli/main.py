@@ -27,7 +27,7 @@ from ..errors import DKMError
 from ..format import read_compressed
 from ..policy import Policy
 from ..posttrain.palettize import palettize
-from ..tables import format_size
+from ..tables import format_size, printable
 from .inspect import facts, facts_text
 
 PROG = "dkm-param"
@@ -382,9 +382,10 @@ def _positive(text: str) -> int:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as one printable line: messages can quote names from a hostile file."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}"
-    return str(exc)
+        return printable(f"{exc.filename}: {exc.strerror}")
+    return printable(str(exc))
 
 
 def _silence_stdout() -> None:

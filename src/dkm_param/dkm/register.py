@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import RegistrationError
 from ..ops import layout
-from ..policy import Plan, Policy, weight_key
+from ..policy import Plan, Policy, check_materialized, weight_key
 from ..progress import track
 from .exportable import exportable_parametrizations, remove_weight_parametrization
 from .parametrization import DKMParametrization
@@ -42,7 +42,7 @@ def register_dkm(model: nn.Module, policy: Policy | None = None, init: Compresse
     plan = policy.plan(model)
     rows = plan.clustered()
     skipped = tuple(plan.skipped())
-    _check_materialized(model, rows)
+    check_materialized(model, rows)
     built = []
     for row in track(rows, total=len(rows), desc="registering DKM"):
         weight = model.get_submodule(row.name).weight
@@ -61,20 +61,6 @@ def register_dkm(model: nn.Module, policy: Policy | None = None, init: Compresse
         remove_dkm(model)
         raise
     return plan
-
-
-def _check_materialized(model: nn.Module, rows) -> None:
-    """Raise RegistrationError if a selected weight has no data (the meta device), before anything is built."""
-    empty = [row for row in rows if model.get_submodule(row.name).weight.is_meta]
-    if empty:
-        row = empty[0]
-        others = len(empty) - 1
-        more = f" and {others} more selected layer{'s' if others > 1 else ''}" if others else ""
-        raise RegistrationError(
-            f"layer '{row.name}' ({row.module_type}){more}: the weight is on the meta device and holds no values "
-            "to cluster; materialize the model first, e.g. model.to_empty(device='cpu') and then load its weights "
-            "(model.load_state_dict(...)), and register again"
-        )
 
 
 def _seed(init, row):

@@ -12,7 +12,7 @@ from ..errors import ClusteringError, DKMError, RegistrationError
 from ..format import CompressedLayer, CompressedModel, assemble
 from ..ops import kmeans, layout
 from ..ops.dtypes import compute_dtype
-from ..policy import Policy, weight_key, weight_of
+from ..policy import Policy, check_materialized, weight_key, weight_of
 from ..progress import track
 from ..spec import LayerSpec, StorageSpec
 
@@ -44,6 +44,7 @@ def palettize(
         raise RegistrationError("model has DKM registered; call dp.finalize(model) instead, or dp.remove_dkm first")
     policy = policy if policy is not None else Policy()
     plan = policy.plan(model)
+    check_materialized(model, plan.clustered())
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
     rows = plan.clustered()
