@@ -13,7 +13,7 @@ from torch import Tensor
 # Eight indices of b bits fill exactly b bytes; packing works on such groups.
 _GROUP = 8
 # Groups handled at once: temporaries stay a few MiB, whatever the layer's size.
-_CHUNK_GROUPS = 1 << 16
+_CHUNK_GROUPS = 1 << 14
 
 
 def packed_size(count: int, bits: int) -> int:
