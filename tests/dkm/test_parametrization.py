@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import dkm_param as dp
 from dkm_param.ops import kmeans, soft
@@ -168,3 +169,64 @@ def test_registration_settles_the_codebook_so_training_steps_stop_early():
     assert torch.equal(seeded.tau, settled.tau)  # the temperature comes from the seed
     assert iterations(seeded) == 5
     assert iterations(settled) == 1
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.blocks, self.mode = nn.ModuleList([_Block(), _Block()]), mode
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = block(x) if self.mode is None else checkpoint(block, x, use_reentrant=self.mode == "reentrant")
+        return x
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing_trains_as_without_it(mode, monkeypatch):
+    calls = []
+    cluster = soft.soft_cluster
+    monkeypatch.setattr(soft, "soft_cluster", lambda *a, **k: calls.append(1) or cluster(*a, **k))
+    runs = {}
+    for variant in (None, mode):
+        torch.manual_seed(0)
+        model = _Checkpointed(variant)
+        dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 32, requires_grad=True)  # a re-entrant checkpoint needs an input that requires grad
+        losses, counts = [], []
+        for _ in range(3):
+            calls.clear()
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            counts.append(len(calls))
+        runs[variant] = losses, counts, [p.detach().clone() for p in model.parameters()]
+    plain, checked = runs[None], runs[mode]
+    assert checked[0] == pytest.approx(plain[0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[2], checked[2]))
+    # four layers: once a step without re-entrance; a re-entrant checkpoint runs the forward twice
+    assert checked[1] == [4, 4, 4] if mode == "non-reentrant" else [8, 8, 8]
+
+
+def test_a_forward_without_gradient_leaves_the_warm_start_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None))
+    before = model[0].parametrizations.weight[0].codebook.clone()
+    with torch.no_grad():
+        model(torch.randn(4, 32))
+    assert torch.equal(model[0].parametrizations.weight[0].codebook, before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -209,6 +211,18 @@ class DKMParametrization(nn.Module):
         key = self._key(weight)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
+        # What the clustering saves for backward is its own: activation checkpointing (which
+        # re-runs the forward and expects the same saved tensors) gets the cached result on
+        # the re-run, so the clustering runs once per step and nothing is counted twice.
+        with _own_saved_tensors():
+            out = self._soft_weight(weight)
+        if out.requires_grad:
+            out.register_hook(self._forget)
+        self._cached = (self._key(weight), out)
+        return out
+
+    def _soft_weight(self, weight: Tensor) -> Tensor:
+        """The soft-clustered weight, advancing the warm-started codebook."""
         groups = self.grouped(weight)
         if not _finite(groups.detach()):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
@@ -230,17 +244,14 @@ class DKMParametrization(nn.Module):
         books = torch.stack(books)
         if not torch.isfinite(books).all():  # never pass NaN on to the model
             raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
-        with torch.no_grad():
-            self.codebook.copy_(books.view_as(self.codebook))  # warm start for the next step
+        if torch.is_grad_enabled():  # a forward without gradient (an evaluation, a re-entrant checkpoint's
+            with torch.no_grad():  # first pass) leaves the warm start where the training step will find it
+                self.codebook.copy_(books.view_as(self.codebook))
         # (one group, the usual case: a view, not a copy of the weight)
         flat = (softs[0][None] if len(softs) == 1 else torch.stack(softs)).reshape(layout.rows(tuple(weight.shape)), -1)
         if self.scale is not None:
             flat = flat * self.scale[:, None]
-        out = layout.from_layout(flat, tuple(weight.shape), self.spec.layout).to(weight.dtype)
-        if out.requires_grad:
-            out.register_hook(self._forget)
-        self._cached = (self._key(weight), out)
-        return out
+        return layout.from_layout(flat, tuple(weight.shape), self.spec.layout).to(weight.dtype)
 
     def _non_finite(self, what: str, weight: Tensor) -> str:
         bad = int((~torch.isfinite(weight.detach())).sum())
@@ -279,3 +290,23 @@ def _finite(values: Tensor) -> bool:
         return True
     low, high = torch.aminmax(values)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def _own_saved_tensors():
+    """Tensors saved for backward inside are kept as autograd keeps them, whatever hooks an
+    enclosing region (activation checkpointing, offloading) has set."""
+    try:
+        hooks = torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+        hooks.__enter__()
+    except RuntimeError:  # saved-tensor hooks are disabled here (e.g. while compiling): nothing to shield from
+        yield
+        return
+    try:
+        yield
+    finally:
+        hooks.__exit__(None, None, None)
