@@ -18,27 +18,32 @@ Each case (configuration x dtype x bits) runs in its own subprocess, so that
 its peak memory is clean: it builds the model, times the plain step (a
 warm-up step, then the least of ``--repeats`` steps), times ``register_dkm``,
 then times the DKM step the same way, with a fresh optimizer. Reported: both
-steps and their ratio; the extra peak memory of the DKM run (registration and
-steps) over the plain run's, also as a multiple of the clustered weights' own
-bytes; the registration time, also in plain steps; and the mean number of
-centroid iterations per layer in a timed DKM step. Beside them, the targets:
-a DKM step within 2x the plain one, extra peak memory within 1.25x the
-clustered weights' bytes, registration within 3 plain steps.
+steps and their ratio; the extra peak memory of the DKM steps over the plain
+steps', also as a multiple of the clustered weights' own bytes (the peak
+during registration is printed below the table); the registration time, also
+in plain steps; and the mean number of centroid iterations per layer in a
+timed DKM step. Beside them, the targets: a DKM step within 2x the plain one,
+extra peak memory within 1.25x the clustered weights' bytes, registration
+within 3 plain steps.
 
 Peak memory on the CPU is the process's peak RSS (VmHWM, what ``ru_maxrss``
 reports, read from /proc/self/status so that a parent's footprint inherited at
 exec does not set a floor): restarted from the current RSS through
 /proc/self/clear_refs (after freed memory is handed back to the system) once
-the model is built and again before registration, so that each phase's peak
-is its own. The worker runs under an address-space limit of the memory then
-available, so that running out of memory is an error it reports rather than
-the kernel's OOM killer. With ``--device cuda`` times are wall time after a
-``torch.cuda.synchronize``, and peak memory is ``torch.cuda.max_memory_allocated``,
-its peak statistics reset at the same two points. A case that runs out of
-memory or past ``--timeout`` is reported as such, with what it measured before.
+the model is built, before registration and before the DKM steps, so that
+each phase's peak is its own. The worker runs under an address-space limit of
+the memory then available, so that running out of memory is an error it
+reports rather than the kernel's OOM killer. With ``--device cuda`` times are
+wall time after a ``torch.cuda.synchronize``, and peak memory is
+``torch.cuda.max_memory_allocated``, its peak statistics reset at the same
+three points. With ``--threads 1 --cpu-time`` times are the worker's CPU time,
+which another busy process on the machine disturbs far less (wall time with
+two threads can be many times longer when the cores are shared). A case that
+runs out of memory or past ``--timeout`` is reported as such, with what it
+measured before.
 
 Usage: python benchmarks/bench_llm.py [--configs 134m 551m 1.2b] [--dtypes fp32 bf16] [--bits 4 3]
-       [--repeats 3] [--threads 2] [--device cpu|cuda] [--timeout 1800]
+       [--repeats 3] [--threads 2] [--cpu-time] [--device cpu|cuda] [--timeout 1800]
 """
 
 from __future__ import annotations
@@ -139,10 +144,12 @@ def worker(case: dict) -> None:
     def report(**figures) -> None:
         print(json.dumps(figures), flush=True)
 
+    clock = time.process_time if case["cpu_time"] else time.perf_counter
+
     def finished() -> float:
         if gpu:  # a GPU runs asynchronously: time what it has finished
             torch.cuda.synchronize(device)
-        return time.perf_counter()
+        return clock()
 
     def restart_peak() -> None:
         if gpu:
@@ -196,9 +203,11 @@ def worker(case: dict) -> None:
         registration = finished() - began
         rows = plan.clustered()
         clustered = [weight_of(model.get_submodule(row.name)) for row in rows]
-        report(registration=registration, layers=len(rows), clustered_weights=sum(w.numel() for w in clustered),
+        report(registration=registration, registration_peak=peak(), layers=len(rows),
+               clustered_weights=sum(w.numel() for w in clustered),
                clustered_bytes=sum(w.numel() * w.element_size() for w in clustered))
         phase = "DKM"
+        restart_peak()
         warmup, step, per_layer = steps(model, tokens)
         report(dkm_warmup=warmup, dkm=step, dkm_peak=peak(), iterations=statistics.mean(per_layer))
     except Exception as exc:  # reported in the table: the other cases still run
@@ -293,6 +302,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up one (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the workers (default: 2)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by the worker's CPU time (use with --threads 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a case may take (default: 1800)")
     args = parser.parse_args()
@@ -301,16 +311,19 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available to torch")
+    if args.cpu_time and device.type != "cpu":
+        parser.error("--cpu-time measures the CPU: use it with --device cpu")
     machine = f"{cpu_model()}, {os.cpu_count()} cores"
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)} (torch CUDA {torch.version.cuda})"
     memory = "peak allocated GPU memory" if device.type == "cuda" else "peak RSS"
-    print(f"{machine}; torch {torch.__version__}, {args.threads} threads, wall time, memory: {memory}")
+    clock = "CPU" if args.cpu_time else "wall"
+    print(f"{machine}; torch {torch.__version__}, {args.threads} threads, {clock} time, memory: {memory}")
     print(f"input {BATCH}x{TOKENS} tokens, SGD (lr {LR}, momentum {MOMENTUM}), least of {args.repeats} steps "
           f"after a warm-up one; load average {os.getloadavg()}", flush=True)
     cases = [
         {"config": config, "dtype": dtype, "bits": bits, "repeats": args.repeats, "threads": args.threads,
-         "device": str(device)}
+         "cpu_time": args.cpu_time, "device": str(device)}
         for config in args.configs for dtype in args.dtypes for bits in args.bits
     ]
     results = []
@@ -332,8 +345,9 @@ def main() -> None:
     print("\nwarm-up step, plain / DKM: " + ", ".join(
         f"{c['config']} {c['dtype']} {c['bits']}-bit: {r['plain_warmup']:.2f} s / {r['dkm_warmup']:.2f} s"
         for c, r in zip(cases, results) if "dkm_warmup" in r))
-    print("peak memory, plain / DKM: " + ", ".join(
-        f"{c['config']} {c['dtype']} {c['bits']}-bit: {r['plain_peak'] / MIB:,.0f} / {r['dkm_peak'] / MIB:,.0f} MiB"
+    print("peak memory, plain steps / registration / DKM steps: " + ", ".join(
+        f"{c['config']} {c['dtype']} {c['bits']}-bit: {r['plain_peak'] / MIB:,.0f} / "
+        f"{r['registration_peak'] / MIB:,.0f} / {r['dkm_peak'] / MIB:,.0f} MiB"
         for c, r in zip(cases, results) if "dkm_peak" in r))
 
 

@@ -68,6 +68,7 @@ if ! "$PY" -c "import dkm_param" > /dev/null 2>&1; then
     part install "$PY" -m pip install -e ".[dev]"
 fi
 
+# shellcheck disable=SC2317  # called through part
 machine() {
     if command -v nvidia-smi > /dev/null; then
         nvidia-smi
@@ -93,6 +94,8 @@ EOF
 
 part machine machine
 part cuda-tests "$PY" -m pytest -q -rs tests/ops/test_cuda.py
+# pytest's closing line beside the outcome: "passed" with every test skipped means no GPU was used
+OUTCOMES[-1]+=" - $(tail -n 1 "$LOG_DIR/cuda-tests.log")"
 part bench_dkm "$PY" benchmarks/bench_dkm.py --device cuda "${DKM_ARGS[@]}"
 part bench_train_step "$PY" benchmarks/bench_train_step.py --device cuda --size 224 --batch 64 "${TRAIN_STEP_ARGS[@]}"
 part bench_llm "$PY" benchmarks/bench_llm.py --device cuda "${LLM_ARGS[@]}"

@@ -235,3 +235,20 @@ def test_weights_the_file_cannot_hold_are_skipped_like_non_floats(dtype):
         dp.Policy(strict=True).plan(model)
     with pytest.raises(dp.SpecError, match=r"layer '1' .*supported: float64, float32, float16, bfloat16"):
         dp.Policy(overrides={"1": dp.LayerSpec()}).plan(model)
+
+
+def test_a_weight_with_a_parametrization_of_its_own_is_left_alone_and_said_so():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    parametrize.register_parametrization(model[0], "weight", Double())
+    plan = dp.Policy(small_layer_bits=None).plan(model)
+    assert plan.row("0").spec is None and "already has a parametrization (Double)" in plan.row("0").reason
+    with pytest.raises(dp.SpecError, match=r"layer '0' \(ParametrizedLinear\): its weight already has"):
+        dp.Policy(overrides={"0": dp.LayerSpec()}).plan(model)
+    compressed = dp.palettize(model, dp.Policy(small_layer_bits=None))
+    assert list(compressed.layers) == ["1.weight"] and parametrize.is_parametrized(model[0], "weight")

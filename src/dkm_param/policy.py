@@ -293,6 +293,14 @@ class Policy:
                 if spec.bits < self.small_layer_bits:
                     spec = spec.replace(bits=self.small_layer_bits)
                     reason = f"small layer (< {self.small_layer_params} weights): {self.small_layer_bits} bits"
+            if spec is not None and parametrize.is_parametrized(module, "weight"):
+                kinds = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+                spec, reason = None, f"its weight already has a parametrization ({kinds}) that would be lost"
+                if not general or self.strict:
+                    raise SpecError(
+                        f"layer '{name}' ({type(module).__name__}): {reason}; remove it "
+                        "(torch.nn.utils.parametrize.remove_parametrizations) or skip the layer in the policy"
+                    )
             if spec is not None and not is_supported(weight.dtype):
                 what = "supported" if weight.is_floating_point() else "floating point"
                 spec, reason = None, f"weight dtype {weight.dtype} is not {what} (supported: {_SUPPORTED})"

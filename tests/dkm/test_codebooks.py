@@ -78,3 +78,16 @@ def test_finetune_refuses_a_registered_or_different_model():
     other = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     with pytest.raises(dp.RegistrationError, match=r"layer '2': weight \(32, 64\) vs compressed \(64, 64\)"):
         dp.finetune_codebooks(other, compressed)
+
+
+def test_an_alias_the_model_does_not_tie_is_refused():
+    from nets import Tied
+
+    tied = Tied()
+    compressed = dp.palettize(tied, dp.Policy(kinds={"fc": dp.LayerSpec(bits=3), "emb": dp.LayerSpec(bits=3)},
+                                              small_layer_bits=None), inplace=False)
+    untied = Tied()
+    untied.head.weight = torch.nn.Parameter(untied.wte.weight.detach().clone())
+    with pytest.raises(dp.RegistrationError, match="does not tie the two weights"):
+        dp.finetune_codebooks(untied, compressed)
+    assert not any(hasattr(m, "parametrizations") for m in untied.modules())

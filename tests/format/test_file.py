@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import stat
@@ -263,10 +264,14 @@ def test_preserve_zeros_reads_back_and_its_zero_entry_is_checked(tmp_path):
     layer = cluster_weight(weight, spec)
     path = dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "m.safetensors")
     assert dp.read_compressed(path).layers["w"].spec.preserve_zeros is True
-    layer.codebook[0] = 1.0  # a file whose pinned entry is not zero is not what it says
-    path = dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "bad.safetensors")
+    tensors, meta = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    tensors["w.codebook"][0] = 1.0  # a file whose pinned entry is not zero is not what it says
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(dp.FormatError, match="preserve_zeros is set but codebook entry 0 is not zero"):
-        dp.read_compressed(path)
+        dp.read_compressed(tmp_path / "bad.safetensors")
+    layer.codebook[0] = 1.0  # and the writer does not write one
+    with pytest.raises(dp.FormatError, match="cannot save layer 'w': preserve_zeros is set but codebook entry 0"):
+        dp.CompressedModel(layers={"w": layer}, tensors={}).save(tmp_path / "bad.safetensors")
 
 
 def test_a_file_without_the_newer_storage_keys_still_reads(tmp_path):
@@ -288,3 +293,57 @@ def test_loading_onto_the_meta_device_is_refused(tmp_path):
         model = convnet()
     with pytest.raises(dp.RegistrationError, match="on the meta device .* model.to_empty"):
         dp.load_compressed(path, model)
+
+
+def test_weights_the_model_ties_must_be_one_tensor_in_the_file(tmp_path):
+    from nets import Tied
+
+    torch.manual_seed(0)
+    untied = nn.Module()
+    untied.wte, untied.mid, untied.head = nn.Embedding(300, 32), nn.Linear(32, 32), nn.Linear(32, 300, bias=False)
+    policy = dp.Policy(kinds={"fc": dp.LayerSpec(bits=3), "emb": dp.LayerSpec(bits=3)}, small_layer_bits=None)
+    path = dp.palettize(untied, policy).save(tmp_path / "untied.safetensors")
+    with pytest.raises(dp.RegistrationError, match="the model ties wte.weight, head.weight to one tensor"):
+        dp.load_compressed(path, Tied())
+
+
+def test_the_writer_refuses_what_its_reader_would(tmp_path):
+    good = dp.CompressedModel(layers={}, tensors={"x": torch.zeros(2)}).save(tmp_path / "m.safetensors").read_bytes()
+    layer = cluster_weight(torch.randn(8, 12), dp.StorageSpec(bits=2))
+    cases = {
+        "shape": (dp.CompressedModel({"w": dataclasses.replace(layer, shape=(8, 13))}, {}), "do not make shape"),
+        "index": (dp.CompressedModel({"w": dataclasses.replace(layer, codebook=layer.codebook[:2])}, {}),
+                  "out of range of a 2-entry codebook"),
+        "clash": (dp.CompressedModel({"w": layer}, {"w": torch.zeros(1)}), "both a clustered layer and a plain"),
+        "surrogate": (dp.CompressedModel({}, {"x\ud800": torch.zeros(1)}), "not valid text"),
+    }
+    for what, (model, words) in cases.items():
+        with pytest.raises(dp.FormatError, match=words):
+            model.save(tmp_path / "m.safetensors")
+        assert (tmp_path / "m.safetensors").read_bytes() == good, what
+
+
+def test_plain_tensors_of_any_safetensors_dtype_are_saved(tmp_path):
+    freqs = torch.polar(torch.ones(4, 8), torch.randn(4, 8))  # complex64, as rotary tables are
+    model = dp.CompressedModel({}, {"freqs": freqs, "mask": torch.ones(3, dtype=torch.bool)})
+    read = dp.read_compressed(model.save(tmp_path / "m.safetensors"))
+    assert torch.equal(read.tensors["freqs"], freqs) and read.tensors["mask"].dtype == torch.bool
+
+
+def test_equal_models_give_equal_bytes_whatever_the_order_of_their_dicts(tmp_path):
+    tensors = {"x": torch.zeros(2)}
+    one = dp.CompressedModel({}, tensors, aliases={"a": "x", "b": "x"}).save(tmp_path / "1.safetensors")
+    two = dp.CompressedModel({}, tensors, aliases={"b": "x", "a": "x"}).save(tmp_path / "2.safetensors")
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_directory_or_a_pipe_is_not_replaced(tmp_path):
+    model = dp.CompressedModel({}, {"x": torch.zeros(2)})
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        model.save(tmp_path / "adir")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        model.save(tmp_path / "fifo")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "fifo"]

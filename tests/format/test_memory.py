@@ -77,9 +77,14 @@ def test_a_huge_metadata_string_is_refused_unread(tmp_path):
 def test_metadata_larger_than_its_tensors_need_is_refused_before_parsing(tmp_path):
     path = tmp_path / "m.safetensors"
     tensors = {f"t{i}": torch.zeros(64 * 1024) for i in range(4)}  # 1 MiB of data: the header may be large
-    meta = {"format": "dkm-param", "format_version": "1", "layers": "{}", "aliases": json.dumps({"a": ["x"] * 400_000})}
+    meta = {"format": "dkm-param", "format_version": "1", "layers": json.dumps({"a": ["x"] * 400_000}), "aliases": "{}"}
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(dp.FormatError, match="metadata 'aliases' is .* bytes, more than a file of its tensors"):
+    with pytest.raises(dp.FormatError, match="metadata 'layers' is .* bytes, more than a file of its tensors"):
+        dp.read_compressed(path)
+    # small text, many objects: each costs far more memory parsed than written
+    meta.update(layers="{}", aliases='{"a": [' + "[]," * 200_000 + "[]]}")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(dp.FormatError, match="metadata 'aliases' opens 200003 JSON objects and arrays"):
         dp.read_compressed(path)
 
 

@@ -354,3 +354,18 @@ def test_zz_fuzz_report():
     print(f"\nhostile files tried: {TRIED['files']}, rejected with dp.DKMError: {TRIED['rejected']}, "
           f"loaded consistently: {TRIED['loaded']}, crashed or inconsistent: 0")
     assert TRIED["files"] >= 2000 or TRIED["files"] == 0  # 0 when run alone with -k
+
+
+def test_a_key_given_twice_is_refused(valid_file, tmp_path):
+    header, payload = split(valid_file)
+    meta = header["__metadata__"]
+    text = meta["layers"]
+    meta["layers"] = text[:-1] + ', "a.weight": ' + json.dumps(json.loads(text)["a.weight"]) + "}"
+    (tmp_path / "m.safetensors").write_bytes(join(header, payload))
+    with pytest.raises(dp.FormatError, match="key 'a.weight' appears twice"):
+        dp.read_compressed(tmp_path / "m.safetensors")
+    meta["layers"] = text
+    meta["aliases"] = '{"c.weight": "a.weight", "c.weight": "b.weight"}'
+    (tmp_path / "m.safetensors").write_bytes(join(header, payload))
+    with pytest.raises(dp.FormatError, match="key 'c.weight' appears twice"):
+        dp.read_compressed(tmp_path / "m.safetensors")

@@ -258,3 +258,22 @@ def test_a_meta_model_is_refused_naming_the_layer():
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     with pytest.raises(dp.RegistrationError, match=r"layer '0' \(Linear\) and 1 more selected layer: .*meta device"):
         dp.palettize(model, dp.Policy(small_layer_bits=None))
+
+
+def test_a_codebook_dtype_the_file_cannot_hold_is_refused_before_the_model_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    before = model[0].weight.detach().clone()
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(dp.FormatError, match="codebook dtype .* is not supported"):
+            dp.palettize(model, dp.Policy(small_layer_bits=None), codebook_dtype=dtype)
+    assert torch.equal(model[0].weight, before)
+
+
+def test_a_codebook_that_overflows_its_stored_dtype_is_refused_before_the_model_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)  # fine in float32, beyond float16
+    before = model[0].weight.detach().clone()
+    with pytest.raises(dp.DKMError, match="layer '0': .*overflow float16|layer '0': codebook must hold finite"):
+        dp.palettize(model, dp.Policy(small_layer_bits=None), codebook_dtype=torch.float16)
+    assert torch.equal(model[0].weight, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +59,7 @@ def facts(path: Path, compressed: CompressedModel) -> dict[str, Any]:
         "aliases": dict(compressed.aliases),
         "bytes_before": summary.bytes_before,
         "bytes_after": summary.bytes_after,
-        "ratio": round(summary.ratio, 4),
+        "ratio": round(summary.ratio, 4) if math.isfinite(summary.ratio) else None,  # JSON has no Infinity
     }
 
 
@@ -110,7 +111,7 @@ def facts_text(facts: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"total: {format_size(facts['bytes_before'])} -> {format_size(facts['bytes_after'])}, "
-        f"compression {facts['ratio']:.2f}x ({len(facts['layers'])} layers clustered)"
+        f"compression {_ratio(facts['ratio'])} ({len(facts['layers'])} layers clustered)"
     )
     return "\n".join(lines)
 
@@ -119,3 +120,5 @@ def _dims(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
 
+def _ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import DKMError
 from ..format import CompressedModel
-from ..tables import format_size
+from ..tables import format_size, printable
 
 Models = Union[CompressedModel, Mapping[str, CompressedModel]]
 Weights = Union[Tensor, Mapping[str, Tensor], nn.Module, None]
@@ -88,17 +88,20 @@ def _draw_layer(axes, models: dict[str, CompressedModel], name, weights, bins) -
     key = _layer_key(first, name)
     layer = first.layers[key]
     given = _float_weight(weights, key)
-    values = (given if given is not None else layer.weight()).detach().float().cpu()
-    if tuple(values.shape) != tuple(layer.shape):
-        raise DKMError(f"layer '{key}': the weights given have shape {tuple(values.shape)}, the layer {layer.shape}")
-    scaled = layer.scale is not None
-    if scaled:  # the codebook lives in the space of each channel divided by its scale
-        values = values.reshape(layer.shape[0], -1) / layer.scale.float()[:, None]
+    scaled = layer.scale is not None  # the codebook lives in the space of each channel divided by its scale
     if given is not None:
+        values = given.detach().float().cpu()
+        if tuple(values.shape) != tuple(layer.shape):
+            raise DKMError(
+                f"layer '{key}': the weights given have shape {tuple(values.shape)}, the layer {layer.shape}"
+            )
+        if scaled:
+            values = values.reshape(layer.shape[0], -1) / layer.scale.float()[:, None]
         axes.hist(values.flatten().numpy(), bins=bins, color="0.7", label="float weights")
     else:
-        # decoded weights take only the codebook's values: show how many weights use each
-        used, counts = torch.unique(values.flatten(), return_counts=True)
+        # the weights take only the codebook's values: count how many use each, from the indices
+        # (nothing is decoded: a file can declare far more weights than it holds bytes)
+        used, counts = _weights_per_value(layer)
         axes.vlines(used.numpy(), 0, counts.numpy(), color="0.5", linewidth=1, label="weights per value")
         axes.set_ylim(bottom=0)
     styles = ("-", "--", ":", "-.")
@@ -183,6 +186,18 @@ def _size_rows(model: CompressedModel) -> list[tuple[str, float | None, int, int
     return rows
 
 
+def _weights_per_value(layer) -> tuple[Tensor, Tensor]:
+    """The distinct codebook values of a layer and how many weights take each.  # (m,), (m,)"""
+    k, d = layer.codebook.shape[-2:]
+    books = layer.codebook.detach().float().cpu().reshape(-1, k, d)  # (groups, k, d)
+    indices = layer.indices.long().cpu()
+    group = torch.arange(indices.numel()) // max(1, indices.numel() // books.shape[0])
+    per_entry = torch.bincount(group * k + indices, minlength=books.shape[0] * k)  # vectors per (group, entry)
+    used, inverse = torch.unique(books.reshape(-1), return_inverse=True)
+    counts = torch.zeros(used.numel(), dtype=torch.int64).index_add_(0, inverse, per_entry.repeat_interleave(d))
+    return used[counts > 0], counts[counts > 0]
+
+
 def _row_label(row) -> str:
     if row.bits is not None:
         return _short(row.name)
@@ -223,7 +238,9 @@ def _float_weight(weights: Weights, key: str) -> Tensor | None:
 
 
 def _short(key: str) -> str:
-    return key[: -len(".weight")] if key.endswith(".weight") else key
+    """A layer's name for a label: without ``.weight``, escaped, and ``$`` kept from starting math text."""
+    key = key[: -len(".weight")] if key.endswith(".weight") else key
+    return printable(key).replace("$", r"\$")
 
 
 def _bars_height(count: int) -> float:

@@ -10,6 +10,7 @@ from ..errors import DKMError, RegistrationError
 from ..format import CompressedLayer, CompressedModel
 from ..ops import layout
 from ..ops.dtypes import compute_dtype
+from ..policy import weight_of
 
 
 class _MeanGradient(torch.autograd.Function):
@@ -107,6 +108,11 @@ def finetune_codebooks(model: nn.Module, compressed: CompressedModel) -> list[nn
             if parametrize.is_parametrized(module, "weight"):
                 raise RegistrationError(
                     f"layer '{target}': its weight already has a parametrization; finalize or remove it first"
+                )
+            if target != name and weight_of(module) is not weight_of(model.get_submodule(name)):
+                raise RegistrationError(
+                    f"layer '{target}': the compressed model stores it as an alias of '{name}', but this model "
+                    "does not tie the two weights; tie them, or compress this model itself"
                 )
             if tuple(module.weight.shape) != tuple(layer.shape):
                 raise RegistrationError(

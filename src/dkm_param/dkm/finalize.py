@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import FormatError, RegistrationError
+from ..errors import RegistrationError
 from ..format import CompressedLayer, CompressedModel, assemble
-from ..ops.dtypes import DTYPES, is_supported
+from ..format.layer import check_codebook_dtype
 from ..policy import weight_key
 from ..progress import track
 from .exportable import exportable_parametrizations, remove_weight_parametrization
@@ -27,8 +27,7 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
     Raises RegistrationError when no weight has DKM registered, DKMError for
     a layer whose codebook is not finite.
     """
-    if codebook_dtype is not None and not is_supported(codebook_dtype):
-        raise FormatError(f"codebook dtype {codebook_dtype} is not supported; use one of {', '.join(DTYPES)}")
+    check_codebook_dtype(codebook_dtype)
     found = list(exportable_parametrizations(model))
     if not found:
         raise RegistrationError("no weight has DKM registered; call dp.register_dkm(model, policy) first")

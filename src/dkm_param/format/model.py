@@ -36,7 +36,7 @@ class CompressedModel:
     skipped: list[LayerPlan] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The decoded model weights, as a plain state_dict."""
+        """The decoded model weights, as a plain state_dict: every layer decoded at once, in memory."""
         state = dict(self.tensors)
         state.update({name: layer.weight() for name, layer in self.layers.items()})
         for alias, target in self.aliases.items():
@@ -46,12 +46,14 @@ class CompressedModel:
     def load_into(self, model: nn.Module) -> nn.Module:
         """Copy the decoded weights into ``model`` (an ordinary, unregistered model), in place.
 
-        Every name, shape and dtype is checked against the model before
-        anything is decoded or changed; the layers are then decoded one at a
-        time, so memory beyond the model is about its largest layer.
+        Every name, shape and dtype, and every tie of the model's weights, is
+        checked against the model before anything is decoded or changed; the
+        layers are then decoded one at a time, so memory beyond the model is
+        about its largest layer (an interruption mid-way, such as running out
+        of memory, leaves the model part loaded).
         Raises RegistrationError for a model that does not fit.
         """
-        _check_fits(model, self._declared())
+        _check_fits(model, self._declared(), self.aliases)
         with torch.no_grad():
             plain = dict(self.tensors)
             plain.update({alias: self.tensors[target] for alias, target in self.aliases.items() if target in plain})
@@ -106,8 +108,11 @@ def _plain_tensors(state: dict[str, Tensor], skip: set[str]) -> tuple[dict[str, 
     return tensors, aliases
 
 
-def _check_fits(model: nn.Module, declared: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """Raise RegistrationError unless ``declared`` (name -> shape, dtype) is exactly a plain model's state_dict."""
+def _check_fits(
+    model: nn.Module, declared: dict[str, tuple[tuple[int, ...], torch.dtype]], aliases: dict[str, str]
+) -> None:
+    """Raise RegistrationError unless ``declared`` (name -> shape, dtype) is exactly a plain model's
+    state_dict, and names the model ties to one tensor are one tensor in the file too."""
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             raise RegistrationError(
@@ -132,6 +137,18 @@ def _check_fits(model: nn.Module, declared: dict[str, tuple[tuple[int, ...], tor
             mismatched.append(f"{k}: file {shape} vs model {tuple(own[k].shape)}")
         elif dtype != own[k].dtype:
             mismatched.append(f"{k}: file {dtype} vs model {own[k].dtype}")
+    tied: dict[tuple, list[str]] = {}
+    for name, tensor in own.items():
+        if tensor.numel():
+            tied.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()), []).append(name)
+    for names in tied.values():
+        stored = {aliases.get(name, name) for name in names}
+        if len(stored) > 1 and not (missing or unexpected or mismatched):
+            raise RegistrationError(
+                f"the model ties {', '.join(names)} to one tensor, but the file holds them apart "
+                f"({', '.join(sorted(stored))}); loading would keep only the last. Load into a model "
+                "without the tie, or save from one with it"
+            )
     if missing or unexpected or mismatched:
         parts = []
         if missing:

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..errors import FormatError, SpecError
 from ..ops import layout, packing
-from ..ops.dtypes import DTYPES, compute_dtype, is_supported
+from ..ops.dtypes import DTYPES, is_supported
 from ..spec import LAYOUTS, MAX_BITS, StorageSpec
-from .layer import CompressedLayer
+from .layer import CompressedLayer, overflow
 from .model import CompressedModel
 from .writer import FORMAT_NAME, FORMAT_VERSION
 
@@ -30,6 +30,8 @@ _HEADER_PER_DATA_BYTE = 64
 # The JSON metadata a file may hold: this much, plus this much per tensor it stores.
 _METADATA_BASE = 1 << 16
 _METADATA_PER_TENSOR = 1 << 12
+# ... and at most this many JSON objects and arrays, plus two per tensor
+_CONTAINERS_BASE = 64
 _LAYER_KEYS = ("shape", "dtype", "bits", "dim", "vectors", "packing", "group_size", "channel_scale",
                "preserve_zeros", "layout")
 _REQUIRED = ("shape", "dtype", "bits", "dim", "vectors")
@@ -66,9 +68,11 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
                 f"{path}: format version {_short(version)} is not supported (this dkm_param reads {FORMAT_VERSION}); "
                 "upgrade dkm_param to read newer files"
             )
-        budget = _METADATA_BASE + _METADATA_PER_TENSOR * len(keys)
-        layers_meta = _json_object(path, meta, "layers", budget)
-        aliases = _json_object(path, meta, "aliases", budget)
+        # descriptions take a few hundred bytes and two JSON containers a layer, aliases one container in
+        # all; bounds checked on the text, so that the parse cannot swamp memory
+        containers = _CONTAINERS_BASE + 2 * len(keys)
+        layers_meta = _json_object(path, meta, "layers", _METADATA_BASE + _METADATA_PER_TENSOR * len(keys), containers)
+        aliases = _json_object(path, meta, "aliases", MAX_HEADER_BYTES, containers)
         layers = {name: _read_layer(path, f, keys, name, info) for name, info in layers_meta.items()}
         plain = keys - {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
         _check_names(path, layers, plain, aliases)
@@ -105,20 +109,37 @@ def _check_header_size(path: Path) -> None:
         )
 
 
-def _json_object(path: Path, meta: dict, key: str, budget: int) -> dict:
-    """Metadata ``key`` parsed as a JSON object, refused unread when larger than ``budget`` bytes."""
+def _json_object(path: Path, meta: dict, key: str, budget: int, containers: int) -> dict:
+    """Metadata ``key`` parsed as a JSON object; refused unread when its text is larger than
+    ``budget`` bytes or opens more than ``containers`` objects and arrays, and refused when a
+    key repeats (JSON parsers differ on which of the two they keep)."""
     text = meta.get(key, "{}")
     if len(text) > budget:
         raise FormatError(
             f"{path}: metadata {key!r} is {len(text)} bytes, more than a file of its tensors can need ({budget})"
         )
+    opened = text.count("{") + text.count("[")
+    if opened > containers:
+        raise FormatError(
+            f"{path}: metadata {key!r} opens {opened} JSON objects and arrays, more than a file of its tensors "
+            f"can need ({containers})"
+        )
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, and so is a huge integer
         raise FormatError(f"{path}: metadata {key!r} is not valid JSON ({_short(str(exc), 120)})") from None
     if not isinstance(value, dict):
         raise FormatError(f"{path}: metadata {key!r} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {_short(repeated)} appears twice")
+    return found
 
 
 def _no_constant(name: str) -> Any:
@@ -232,26 +253,14 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> Compress
         raise FormatError(f"{where}: codebook holds NaN or Inf")
     if spec.preserve_zeros and (codebook[..., 0, :] != 0).any():
         raise FormatError(f"{where}: preserve_zeros is set but codebook entry 0 is not zero")
-    _check_decodes_finite(where, codebook, scale, shape, group_size, dtype)
+    too_large = overflow(codebook, scale, shape, dtype)
+    if too_large:
+        raise FormatError(f"{where}: {too_large}")
     indices = packing.unpack(packed, bits, vectors)
     entries = codebook.shape[-2]
     if int(indices.max()) >= entries:
         raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {entries}-entry codebook")
     return CompressedLayer(shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices, scale=scale)
-
-
-def _check_decodes_finite(where: str, codebook: Tensor, scale: Tensor | None, shape, group_size, dtype) -> None:
-    """Every codebook entry, times its rows' scales, must be finite once computed and cast as decoding does."""
-    work = compute_dtype(dtype)
-    largest = codebook.to(work).abs().amax(dim=(-2, -1)).reshape(-1)  # (groups,)
-    if scale is not None:
-        per_group = layout.rows(shape) // largest.numel()
-        largest = scale.to(work).abs() * largest.repeat_interleave(per_group)  # (rows,)
-    if not torch.isfinite(largest.to(dtype)).all():
-        raise FormatError(
-            f"{where}: decoded weights would overflow {str(dtype).removeprefix('torch.')} "
-            f"(codebook{' times scale' if scale is not None else ''} up to {float(largest.max()):.3g})"
-        )
 
 
 def _int(where: str, key: str, value: Any, low: int, high: int) -> int:

@@ -37,8 +37,11 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-                     ("U64", "uint64")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+    ("C64", "complex64"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+):
     if hasattr(torch, _attr):  # newer torch only
         SAFETENSORS_DTYPES[getattr(torch, _attr)] = _name
 
@@ -71,15 +74,16 @@ def write_file(model: CompressedModel, path: Path) -> Path:
     write leaves any old file intact. A new file gets the mode the umask
     allows, an overwritten one keeps its mode. Temporary files that an
     earlier, killed save left are removed. Equal models give equal bytes.
-    Raises FormatError, before writing, for a name used twice or a tensor
-    dtype the format cannot hold; OSError for a failed write.
+    Raises FormatError, before writing, for a layer the reader would refuse,
+    a name used twice or a tensor dtype the format cannot hold; OSError for a
+    failed write or a target that is not a regular file.
     """
     parts = _tensors(model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "layers": json.dumps({name: layer_description(layer) for name, layer in model.layers.items()}),
-        "aliases": json.dumps(model.aliases),
+        "layers": json.dumps({name: layer_description(layer) for name, layer in model.layers.items()}, sort_keys=True),
+        "aliases": json.dumps(model.aliases, sort_keys=True),
     }
     # wider dtypes first, then by name: every tensor starts aligned to its element size
     order = sorted(parts, key=lambda name: (-parts[name][1].itemsize, name))
@@ -111,8 +115,21 @@ def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.d
     Packed indices are made only when written, one layer at a time.
     """
     parts: dict = {}
+    for name in sorted(set(model.layers) & set(model.tensors)):
+        raise FormatError(f"cannot save: {name!r} is both a clustered layer and a plain tensor")
+    for name, layer in model.layers.items():
+        problem = layer.problem()
+        if problem:
+            raise FormatError(f"cannot save layer {name!r}: {problem}")
+    for name in [*model.aliases, *model.aliases.values()]:
+        if not isinstance(name, str):
+            raise FormatError(f"cannot save: alias names must be str, got {name!r}")
 
     def add(name: str, shape, dtype: torch.dtype, make: Callable[[], Tensor]) -> None:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"cannot save tensor {name!r}: its name is not valid text (a lone surrogate)") from None
         if name in parts:
             raise FormatError(f"cannot save: the name {name!r} is used twice (a layer's part and a tensor?)")
         if dtype not in SAFETENSORS_DTYPES:
@@ -133,6 +150,10 @@ def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.d
         add(name, tensor.shape, tensor.dtype, lambda t=tensor: t)
     taken = set(model.layers) | set(model.tensors)
     for alias, target in model.aliases.items():
+        try:
+            alias.encode("utf-8"), target.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"cannot save alias {alias!r}: a name is not valid text (a lone surrogate)") from None
         if alias in taken or alias in parts:
             raise FormatError(f"cannot save: alias {alias!r} is also the name of a stored layer or tensor")
         if target not in taken:
@@ -151,6 +172,14 @@ def _write_atomic(path: Path, write: Callable) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot save {path}: directory {parent} does not exist")
+    try:
+        kind = path.stat().st_mode
+    except FileNotFoundError:
+        kind = None
+    if kind is not None and stat.S_ISDIR(kind):
+        raise IsADirectoryError(f"cannot save {path}: it is a directory; give a file name")
+    if kind is not None and not stat.S_ISREG(kind):
+        raise FileExistsError(f"cannot save over {path}: it is not a regular file (a pipe, device or socket)")
     _remove_stale_temporaries(path)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)  # an overwritten file keeps its mode

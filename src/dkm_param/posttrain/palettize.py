@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..dkm.exportable import exportable_parametrizations
 from ..errors import ClusteringError, DKMError, RegistrationError
 from ..format import CompressedLayer, CompressedModel, assemble
+from ..format.layer import check_codebook_dtype
 from ..ops import kmeans, layout
 from ..ops.dtypes import compute_dtype
 from ..policy import Policy, check_materialized, weight_key, weight_of
@@ -42,6 +43,7 @@ def palettize(
     """
     if next(exportable_parametrizations(model), None) is not None:
         raise RegistrationError("model has DKM registered; call dp.finalize(model) instead, or dp.remove_dkm first")
+    check_codebook_dtype(codebook_dtype)
     policy = policy if policy is not None else Policy()
     plan = policy.plan(model)
     check_materialized(model, plan.clustered())
@@ -93,6 +95,7 @@ def cluster_weight(
         ).sum(2)
         if not torch.isfinite(masses).all() or (masses < 0).any():
             raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
+    check_codebook_dtype(codebook_dtype)
     stored = codebook_dtype or weight.dtype
     books, indices = [], []
     pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
@@ -119,7 +122,7 @@ def cluster_weight(
         books.append(torch.cat([codebook.new_zeros(pinned, spec.dim), codebook]))
         indices.append(torch.where(zeros.to(found.device), 0, found))
     codebook = books[0] if len(books) == 1 else torch.stack(books)
-    return CompressedLayer(
+    layer = CompressedLayer(
         shape=tuple(weight.shape),
         dtype=weight.dtype,
         spec=spec,
@@ -127,3 +130,7 @@ def cluster_weight(
         indices=torch.cat(indices).to(torch.uint8).cpu(),
         scale=None if scale is None else scale.cpu(),
     )
+    problem = layer.problem()  # e.g. a codebook that overflows the dtype it is stored in
+    if problem:
+        raise DKMError(f"layer '{name}': {problem}; store the codebook in a wider dtype (codebook_dtype)")
+    return layer
