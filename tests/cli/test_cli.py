@@ -309,3 +309,18 @@ def test_inspect_escapes_what_the_file_says_before_printing_it(capsys, tmp_path)
     status, out, _ = run(capsys, "inspect", path)
     assert status == 0 and "\x1b" not in out and "\x07" not in out and "\nforged line" not in out
     assert "metadata note\\x1b[2J: \\x1b]0;title\\x07\\nforged line" in out
+
+
+def test_decode_refuses_a_layer_too_large_to_decode_before_allocating_it(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    # 320 KiB declaring 2**35 weights (128 GiB decoded): 1-bit vectors of 65,536 weights
+    tensors = {"w.codebook": torch.randn(2, 65536).half(), "w.indices": torch.zeros(65536, dtype=torch.uint8)}
+    layers = {"w": {"shape": [524288, 65536], "dtype": "float32", "bits": 1, "dim": 65536, "vectors": 524288}}
+    meta = {"format": "dkm-param", "format_version": "1", "layers": json.dumps(layers), "aliases": "{}"}
+    save_file(tensors, str(tmp_path / "bomb.safetensors"), metadata=meta)
+    status, _, err = run(capsys, "decode", tmp_path / "bomb.safetensors", tmp_path / "out.safetensors")
+    assert_clean_error(status, err, "layer 'w' (524288x65536 weights) needs 256.00 GiB to decode")
+    assert not (tmp_path / "out.safetensors").exists()
+    status, out, _ = run(capsys, "inspect", tmp_path / "bomb.safetensors")  # inspect decodes nothing
+    assert status == 0 and "524288x65536" in out

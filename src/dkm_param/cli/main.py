@@ -11,6 +11,7 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from ..dkm.finalize import finalize
 from ..dkm.register import register_dkm
 from ..errors import DKMError
 from ..format import read_compressed
+from ..format.writer import write_safetensors
 from ..policy import Policy
 from ..posttrain.palettize import palettize
 from ..tables import format_size, printable
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("file", type=Path, metavar="FILE")
     decode.add_argument("out", type=Path, metavar="OUT")
+    decode.add_argument(
+        "--max-layer-bytes",
+        type=_positive,
+        default=_memory() // 4,
+        metavar="N",
+        help="refuse to decode a layer that needs more memory than this (default: a quarter of the RAM)",
+    )
     decode.set_defaults(command=_decode)
 
     model_help = (
@@ -203,28 +212,29 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     if args.out.resolve() == args.file.resolve():
         raise CommandError(f"OUT {args.out} is FILE itself; choose another path for the decoded weights")
     _check_writable("OUT", args.out)
     compressed = read_compressed(args.file)
-    tensors: dict[str, torch.Tensor] = {}
-    storages = set()
-    for name, tensor in compressed.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages:  # aliases (tied weights) share one tensor; safetensors stores each name apart
-            tensor = tensor.clone()
-        storages.add(tensor.untyped_storage().data_ptr())
-        tensors[name] = tensor
+    # a file can declare far more weights than it holds bytes: decode one layer at a time, each
+    # only if it fits the memory allowed
+    parts = {}
+    for name, layer in compressed.layers.items():
+        need = layer.numel * (layer.dtype.itemsize + 4)  # the weight, and decoding's float32 work
+        if need > args.max_layer_bytes:
+            raise CommandError(
+                f"layer {name!r} ({'x'.join(map(str, layer.shape))} weights) needs {format_size(need)} to decode, "
+                f"more than --max-layer-bytes {format_size(args.max_layer_bytes)}; raise it if the file is trusted"
+            )
+        parts[name] = (tuple(layer.shape), layer.dtype, layer.weight)
+    for name, tensor in compressed.tensors.items():
+        parts[name] = (tuple(tensor.shape), tensor.dtype, lambda t=tensor: t)
+    for alias, target in compressed.aliases.items():  # safetensors stores every name apart
+        parts[alias] = parts[target]
     # "format": "pt" marks a PyTorch state_dict for loaders that check it (e.g. transformers)
-    try:
-        save_file(tensors, str(args.out), metadata={"format": "pt"})
-    except Exception as exc:  # safetensors reports I/O failures as its own error type
-        raise CommandError(f"cannot write OUT {args.out}: {exc}") from None
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    print(f"wrote {args.out}: {len(tensors)} tensors, {format_size(total)} of weights")
+    write_safetensors(args.out, parts, {"format": "pt"})
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in parts.values())
+    print(f"wrote {args.out}: {len(parts)} tensors, {format_size(total)} of weights")
     return 0
 
 
@@ -369,6 +379,14 @@ def _check_writable(option: str, path: Path) -> None:
         raise CommandError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
     if path.is_dir():
         raise CommandError(f"{option} {path} is a directory; give a file name")
+
+
+def _memory() -> int:
+    """Bytes of physical memory (8 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def _positive(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -78,22 +79,38 @@ def write_file(model: CompressedModel, path: Path) -> Path:
     a name used twice or a tensor dtype the format cannot hold; OSError for a
     failed write or a target that is not a regular file.
     """
-    parts = _tensors(model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "layers": json.dumps({name: layer_description(layer) for name, layer in model.layers.items()}, sort_keys=True),
         "aliases": json.dumps(model.aliases, sort_keys=True),
     }
+    return write_safetensors(path, _tensors(model), metadata)
+
+
+def write_safetensors(
+    path: Path, parts: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], Tensor]]], metadata: dict[str, str]
+) -> Path:
+    """Write a safetensors file of ``parts`` (name -> shape, dtype, a function that makes the tensor),
+    atomically as ``write_file`` does, making each tensor only when it is written."""
+    sizes = {}
+    for name, (shape, dtype, _) in parts.items():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"cannot save tensor {name!r}: its name is not valid text (a lone surrogate)") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors name")
+        sizes[name] = math.prod(shape) * dtype.itemsize
     # wider dtypes first, then by name: every tensor starts aligned to its element size
     order = sorted(parts, key=lambda name: (-parts[name][1].itemsize, name))
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in order:
-        shape, dtype, nbytes, _ = parts[name]
+        shape, dtype, _ = parts[name]
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
 
@@ -101,16 +118,18 @@ def write_file(model: CompressedModel, path: Path) -> Path:
         handle.write(len(raw).to_bytes(8, "little"))
         handle.write(raw)
         for name in order:
-            _, _, nbytes, produce = parts[name]
-            if nbytes:
-                handle.write(_as_bytes(produce()))
+            if sizes[name]:
+                tensor = parts[name][2]()
+                if tuple(tensor.shape) != tuple(parts[name][0]) or tensor.dtype != parts[name][1]:
+                    raise FormatError(f"tensor {name!r} came out {tuple(tensor.shape)} {tensor.dtype}, not as declared")
+                handle.write(_as_bytes(tensor))
 
     _write_atomic(Path(os.path.realpath(path)), write)
     return path
 
 
-def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, Callable[[], Tensor]]]:
-    """Every tensor the file will hold: name -> (shape, dtype, bytes, a function that makes it).
+def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
+    """Every tensor the file will hold: name -> (shape, dtype, a function that makes it).
 
     Packed indices are made only when written, one layer at a time.
     """
@@ -126,19 +145,9 @@ def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.d
             raise FormatError(f"cannot save: alias names must be str, got {name!r}")
 
     def add(name: str, shape, dtype: torch.dtype, make: Callable[[], Tensor]) -> None:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FormatError(f"cannot save tensor {name!r}: its name is not valid text (a lone surrogate)") from None
         if name in parts:
             raise FormatError(f"cannot save: the name {name!r} is used twice (a layer's part and a tensor?)")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise FormatError(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors name")
-        shape = tuple(int(s) for s in shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        parts[name] = (shape, dtype, numel * dtype.itemsize, make)
+        parts[name] = (tuple(int(s) for s in shape), dtype, make)
 
     for name, layer in model.layers.items():
         add(f"{name}.codebook", layer.codebook.shape, layer.codebook.dtype, lambda t=layer.codebook: t)
