@@ -78,7 +78,7 @@ def files(folder: Path, scale: float):
     path = folder / "padded.safetensors"
     tensors = {f"t{i}": torch.zeros(64 * 1024) for i in range(int(16 * scale) or 1)}
     save_file(tensors, str(path), metadata=meta("{}", json.dumps({"a": ["x"] * int(2_000_000 * scale)})))
-    yield "aliases far larger than the tensors need", path, "read"
+    yield "aliases holding a list of 2 million names", path, "read"
 
     path = folder / "nested.safetensors"
     save_file({"x": torch.zeros(4)}, str(path), metadata=meta("[" * 400_000 + "]" * 400_000))
