@@ -5,10 +5,11 @@ Decoder models built from ``transformers.LlamaConfig`` with a random init
 
     134m: hidden 768,  12 layers, mlp 2048, 12 heads, vocab 32,000
     551m: hidden 1536, 16 layers, mlp 4096, 12 heads, vocab 32,000
-    1.2b: hidden 2048, 16 layers, mlp 8192, 32 heads, vocab 128,256
+    1.2b: hidden 2048, 16 layers, mlp 8192, 32 heads (8 key-value heads), vocab 128,256,
+          the head tied to the embedding (Llama 3.2 1B's shape: 1.24B parameters)
 
-(untied embeddings and as many key-value heads as heads, so "1.2b" holds 1.6B
-parameters; ``tiny``, not run by default, is for trying the script out).
+(the first two untied, with as many key-value heads as heads; ``tiny``, not run
+by default, is for trying the script out).
 Input: 2 x 128 random token ids (fixed seed), the causal LM loss with the input
 as labels, SGD with momentum 0.9 (lr 1e-4). DKM: every ``nn.Linear`` but
 ``lm_head`` at ``fc:b/1`` (``Policy.from_notation(f"fc:{b}/1",
@@ -62,13 +63,13 @@ import time
 
 import torch
 
-# name: (hidden, layers, mlp, heads, vocab)
+# name: (hidden, layers, mlp, heads, key-value heads, vocab, head tied to the embedding)
 CONFIGS = {
-    "134m": (768, 12, 2048, 12, 32_000),
-    "551m": (1536, 16, 4096, 12, 32_000),
-    "1.2b": (2048, 16, 8192, 32, 128_256),
+    "134m": (768, 12, 2048, 12, 12, 32_000, False),
+    "551m": (1536, 16, 4096, 12, 12, 32_000, False),
+    "1.2b": (2048, 16, 8192, 32, 8, 128_256, True),
 }
-TRY_OUT = {"tiny": (256, 2, 512, 4, 1000)}  # not run by default
+TRY_OUT = {"tiny": (256, 2, 512, 4, 4, 1000, False)}  # not run by default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BATCH, TOKENS, SEED = 2, 128, 0
 LR, MOMENTUM = 1e-4, 0.9
@@ -117,10 +118,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def build(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, mlp, heads, vocab = {**CONFIGS, **TRY_OUT}[name]
+    hidden, layers, mlp, heads, kv_heads, vocab, tied = {**CONFIGS, **TRY_OUT}[name]
     config = LlamaConfig(
         hidden_size=hidden, num_hidden_layers=layers, intermediate_size=mlp, num_attention_heads=heads,
-        num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=False, use_cache=False,
+        num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied, use_cache=False,
     )
     torch.manual_seed(SEED)
     with torch.device(device):  # built in place and in its dtype: no float32 copy on the host first

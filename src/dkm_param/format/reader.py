@@ -30,6 +30,7 @@ _HEADER_PER_DATA_BYTE = 64
 # The JSON metadata a file may hold: this much, plus this much per tensor it stores.
 _METADATA_BASE = 1 << 16
 _METADATA_PER_TENSOR = 1 << 12
+_ALIASES_BASE = 1 << 20
 # ... and at most this many JSON objects and arrays, plus two per tensor
 _CONTAINERS_BASE = 64
 _LAYER_KEYS = ("shape", "dtype", "bits", "dim", "vectors", "packing", "group_size", "channel_scale",
@@ -72,7 +73,9 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
         # all; bounds checked on the text, so that the parse cannot swamp memory
         containers = _CONTAINERS_BASE + 2 * len(keys)
         layers_meta = _json_object(path, meta, "layers", _METADATA_BASE + _METADATA_PER_TENSOR * len(keys), containers)
-        aliases = _json_object(path, meta, "aliases", MAX_HEADER_BYTES, containers)
+        # aliases name the model's state_dict entries that share a stored tensor: a megabyte of
+        # names is already far more than any model has
+        aliases = _json_object(path, meta, "aliases", _ALIASES_BASE + _METADATA_PER_TENSOR * len(keys), containers)
         layers = {name: _read_layer(path, f, keys, name, info) for name, info in layers_meta.items()}
         plain = keys - {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
         _check_names(path, layers, plain, aliases)
