@@ -120,11 +120,12 @@ def test_unpacking_takes_a_byte_an_index(tmp_path):
     assert outcome == "loaded" and grown < 128 * MiB  # 64 MiB of indices, the 8 MiB packed, and a margin
 
 
-def test_a_hundred_megabytes_of_aliases_is_refused_unparsed(tmp_path):
+def test_megabytes_of_aliases_are_refused_unparsed(tmp_path):
     path = tmp_path / "m.safetensors"
     tensors = {f"t{i}": torch.zeros(2**20) for i in range(2)}  # 8 MiB of data lets the header be large
-    aliases = json.dumps({f"name{i}": "t0" for i in range(400_000)})  # 8 MiB of names, 20x that parsed
+    aliases = json.dumps({f"name{i}": "t0" for i in range(400_000)})  # 8 MiB of names, about 90 MiB parsed
     save_file(tensors, str(path), metadata={"format": "dkm-param", "format_version": "1", "layers": "{}",
                                             "aliases": aliases})
     outcome, grown = probe(path)
-    assert outcome == "FormatError" and grown < 16 * MiB
+    # what remains is safetensors reading its header (the 8 MiB string, a few times over)
+    assert outcome == "FormatError" and grown < 48 * MiB
