@@ -5,9 +5,10 @@ before and after the work.
 """
 
 import json
+import runpy
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,42 +18,8 @@ import dkm_param as dp
 
 MiB = 2**20
 
-PROBE = textwrap.dedent(
-    """
-    import sys
-    import torch
-    import dkm_param as dp
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-    def reset_peak():
-        try:  # the peak (VmHWM) restarts from the current RSS (Linux)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        return status("VmRSS")
-
-    def peak():
-        return status("VmHWM")
-
-    path, action = sys.argv[1], sys.argv[2]
-    model = torch.nn.Linear(64, 32)
-    dp.read_compressed  # imported
-    before = reset_peak()
-    try:
-        if action == "read":
-            dp.read_compressed(path)
-        else:
-            dp.load_compressed(path, model)
-        outcome = "loaded"
-    except dp.DKMError as exc:
-        outcome = type(exc).__name__
-    print(outcome, peak() - before)
-    """
-)
+# the probe of benchmarks/bench_hostile.py: one read in a fresh process, printing its outcome and peak growth
+PROBE = runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "bench_hostile.py"))["PROBE"]
 
 
 def probe(path, action="read"):
