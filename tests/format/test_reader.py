@@ -369,3 +369,21 @@ def test_a_key_given_twice_is_refused(valid_file, tmp_path):
     (tmp_path / "m.safetensors").write_bytes(join(header, payload))
     with pytest.raises(dp.FormatError, match="key 'c.weight' appears twice"):
         dp.read_compressed(tmp_path / "m.safetensors")
+
+
+def test_a_tensor_or_metadata_key_given_twice_in_the_header_is_refused(valid_file, tmp_path):
+    size = struct.unpack("<Q", valid_file[:8])[0]
+    text, payload = valid_file[8 : 8 + size].decode().rstrip(), valid_file[8 + size :]
+    header = json.loads(text)
+    entry = json.dumps(header["a.bias"])
+    twice = text[:-1] + ',"a.bias":' + entry + "}"  # the same tensor again, safetensors keeps one
+    raw = twice.encode() + b" " * (-len(twice) % 8)
+    (tmp_path / "t.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+    with pytest.raises(dp.FormatError, match="a tensor is given twice"):
+        dp.read_compressed(tmp_path / "t.safetensors")
+    meta = json.dumps(header["__metadata__"])
+    twice = text[:-1] + ',"__metadata__":' + meta + "}"
+    raw = twice.encode() + b" " * (-len(twice) % 8)
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+    with pytest.raises(dp.FormatError, match="gives '__metadata__' twice"):
+        dp.read_compressed(tmp_path / "m.safetensors")

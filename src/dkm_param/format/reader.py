@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
     Raises FormatError for anything else, FileNotFoundError for a missing file.
     """
     path = Path(path)
-    _check_header_size(path)
+    entries = _check_header(path)
     try:
         handle = safe_open(str(path), framework="pt")
     except FileNotFoundError:
@@ -61,6 +62,10 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
     with handle as f:
         meta = f.metadata() or {}
         keys = set(f.keys())
+        if entries != len(keys):
+            raise FormatError(
+                f"{path}: the header describes {entries} tensors under {len(keys)} names: a tensor is given twice"
+            )
         if meta.get("format") != FORMAT_NAME:
             raise FormatError(f"{path}: format is {_short(meta.get('format'))}, expected {FORMAT_NAME!r}")
         version = meta.get("format_version")
@@ -92,24 +97,34 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     return read_compressed(path).load_into(model)
 
 
-def _check_header_size(path: Path) -> None:
+def _check_header(path: Path) -> int:
+    """Check the header's size against the file before safetensors parses it; returns how many
+    tensor entries its text holds, repeated names included (safetensors keeps one of each)."""
     try:
         with open(path, "rb") as handle:
             first = handle.read(8)
             size = os.fstat(handle.fileno()).st_size
+            header = int.from_bytes(first, "little") if len(first) == 8 else 0
+            if len(first) < 8:
+                raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
+            if header > min(size - 8, MAX_HEADER_BYTES):
+                raise FormatError(f"{path}: header of {header} bytes does not fit the file's {size} bytes or 100 MB")
+            data = size - 8 - header
+            if header > _HEADER_BASE + _HEADER_PER_DATA_BYTE * data:
+                raise FormatError(
+                    f"{path}: a header of {header} bytes for {data} bytes of tensors is more than any model needs; "
+                    "this is not a file dkm_param wrote"
+                )
+            text = handle.read(header)
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, not a safetensors file") from None
-    if len(first) < 8:
-        raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
-    header = int.from_bytes(first, "little")
-    if header > min(size - 8, MAX_HEADER_BYTES):
-        raise FormatError(f"{path}: header of {header} bytes does not fit the file's {size} bytes or 100 MB")
-    data = size - 8 - header
-    if header > _HEADER_BASE + _HEADER_PER_DATA_BYTE * data:
-        raise FormatError(
-            f"{path}: a header of {header} bytes for {data} bytes of tensors is more than any model needs; "
-            "this is not a file dkm_param wrote"
-        )
+    # Inside JSON strings a quote is escaped, so a quoted name followed by a colon is a key:
+    # the metadata is an object of strings, a tensor's entry an object.
+    for key, value in ((b"__metadata__", rb"\{"), (b"format", b'"'), (b"format_version", b'"'), (b"layers", b'"'),
+                       (b"aliases", b'"')):
+        if len(re.findall(rb'"' + key + rb'"\s*:\s*' + value, text)) > 1:
+            raise FormatError(f"{path}: the header gives {key.decode()!r} twice; JSON readers differ on which counts")
+    return text.count(b'"data_offsets"')
 
 
 def _json_object(path: Path, meta: dict, key: str, budget: int, containers: int) -> dict:
