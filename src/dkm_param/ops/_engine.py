@@ -80,7 +80,8 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
     of ``_window_plan`` (what they leave out is below the dtype's precision).
     """
     (p, d), k = points.shape, centroids.shape[0]
-    if d == 1 and k >= _WINDOW_CLUSTERS:
+    # windows pay for their planning only when the dense attention takes several chunks
+    if d == 1 and k >= _WINDOW_CLUSTERS and p * k > CHUNK_ELEMENTS:
         plan = _window_plan(points[:, 0], centroids, tau, CHUNK_ELEMENTS)
     else:
         plan = _dense_plan(p, k, max(1, CHUNK_ELEMENTS // d))
