@@ -33,8 +33,6 @@ Usage: python benchmarks/bench_dkm.py [--cases NAME ...] [--repeats 5] [--ref-re
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -44,6 +42,7 @@ import tempfile
 import time
 
 import torch
+from _rss import peak_rss, reset_peak
 
 # name: (weights, bits, dim)
 CASES = {
@@ -72,25 +71,6 @@ def setup(weights: int, bits: int, dim: int) -> dict:
     codebook = kmeans.init_codebook(vectors, 1 << bits, "kmeans++", seed=0)
     tau = 2.0 * float(kmeans.squared_distance_to_nearest(vectors, codebook).mean())
     return {"codebook": codebook, "tau": tau, "epsilon": 1e-3 * float(vectors.std())}
-
-
-def reset_peak() -> None:
-    """Restart the peak RSS (and ru_maxrss) from the current RSS, where Linux allows: else the
-    step's growth hides below peaks left by start-up (importing torch, loading the inputs).
-
-    Freed memory is first handed back to the system (glibc's malloc_trim), or the step
-    could reuse it while it is still resident and its growth would not show in the RSS.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str, out_path: str) -> None:
@@ -135,9 +115,9 @@ def worker(case: str, engine: str, max_iter: int, repeats: int, setup_path: str,
         extra_kib = (torch.cuda.max_memory_allocated(device) - before) / 1024
     else:
         reset_peak()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_rss()
         first, soft, iterations = step()
-        extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        extra_kib = (peak_rss() - before) // 1024
     torch.save({"soft": soft.detach().cpu(), "grad": vectors.grad.cpu()}, out_path)
     del soft
     times = [step()[0] for _ in range(repeats)]

@@ -50,7 +50,6 @@ Usage: python benchmarks/bench_llm.py [--configs 134m 551m 1.2b] [--dtypes fp32 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -62,6 +61,7 @@ import sys
 import time
 
 import torch
+from _rss import peak_rss, reset_peak
 
 # name: (hidden, layers, mlp, heads, key-value heads, vocab, head tied to the embedding)
 CONFIGS = {
@@ -76,36 +76,6 @@ LR, MOMENTUM = 1e-4, 0.9
 # the issue's targets
 STEP_TARGET, MEMORY_TARGET, REGISTRATION_TARGET = 2.0, 1.25, 3.0
 MIB = 1 << 20
-
-
-def reset_peak() -> None:
-    """Restart the peak RSS from the current RSS, where Linux allows (as bench_dkm.py does).
-
-    Freed memory is first handed back to the system (glibc's malloc_trim), or the
-    next phase could reuse it while it is still resident and its growth would not show.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """The process's peak RSS in bytes since the last ``reset_peak`` (VmHWM; else ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
