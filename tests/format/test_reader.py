@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dkm_param as dp
@@ -60,6 +62,14 @@ def join(header: dict, data: bytes) -> bytes:
     raw = json.dumps(header).encode()
     raw += b" " * ((-len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw + data
+
+
+def unpack_file(blob: bytes, folder):
+    """The tensors and the metadata of a file's bytes, to change and save again."""
+    (folder / "v.safetensors").write_bytes(blob)
+    with safe_open(str(folder / "v.safetensors"), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(folder / "v.safetensors")), meta
 
 
 def check(blob: bytes, tmp_path):
@@ -228,14 +238,8 @@ def test_structural_header_mutations_load_consistently_or_raise_dkm_error(valid_
 @settings(max_examples=400)
 @given(data=st.data())
 def test_tensor_value_mutations_load_consistently_or_raise_dkm_error(valid_file, tmp_path_factory, data):
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     folder = tmp_path_factory.mktemp("values")
-    (folder / "v.safetensors").write_bytes(valid_file)
-    with safe_open(str(folder / "v.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(folder / "v.safetensors"))
+    tensors, meta = unpack_file(valid_file, folder)
     name = data.draw(st.sampled_from(["a.weight.codebook", "b.weight.codebook", "b.weight.scale", "d.weight.codebook",
                                       "a.weight.indices", "d.weight.indices"]))
     tensor = tensors[name].clone()
@@ -299,13 +303,7 @@ def test_metadata_values_must_have_their_exact_json_type(valid_file, tmp_path, f
 
 
 def test_decoded_weights_must_be_finite_in_their_dtype(valid_file, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    (tmp_path / "v.safetensors").write_bytes(valid_file)
-    with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "v.safetensors"))
+    tensors, meta = unpack_file(valid_file, tmp_path)
     wide = dict(tensors, **{"d.weight.codebook": tensors["d.weight.codebook"].float() * 1e10})  # float16 layer
     save_file(wide, str(tmp_path / "wide.safetensors"), metadata=meta)
     with pytest.raises(dp.FormatError, match="layer 'd.weight': decoded weights would overflow float16"):
@@ -329,13 +327,7 @@ def test_absurd_shape_is_refused_without_allocating(valid_file, tmp_path):
 
 
 def test_out_of_range_indices_and_non_finite_codebooks_are_rejected(valid_file, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    (tmp_path / "v.safetensors").write_bytes(valid_file)
-    with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "v.safetensors"))
+    tensors, meta = unpack_file(valid_file, tmp_path)
     short = dict(tensors)
     short["a.weight.codebook"] = tensors["a.weight.codebook"][:2].clone()  # 2 entries, indices up to 7
     save_file(short, str(tmp_path / "short.safetensors"), metadata=meta)

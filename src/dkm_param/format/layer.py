@@ -59,7 +59,8 @@ class CompressedLayer:
     def problem(self) -> str | None:
         """Why this layer is not one the file can hold and decode to finite weights, or None.
 
-        The writer asks before saving, so that it never writes a file its reader refuses.
+        The reader asks of every layer it reads, and the writer before saving, so
+        that it never writes a file its reader refuses.
         """
         spec, shape = self.spec, tuple(self.shape)
         if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
@@ -82,8 +83,10 @@ class CompressedLayer:
             return f"codebook shape {book} does not fit dim={spec.dim}, groups={groups}"
         if not 1 <= book[-2] <= spec.clusters:
             return f"codebook has {book[-2]} entries, bits={spec.bits} allows 1 to {spec.clusters}"
-        if not is_supported(self.codebook.dtype) or not torch.isfinite(self.codebook).all():
-            return f"codebook must hold finite values of a supported dtype ({self.codebook.dtype})"
+        if not is_supported(self.codebook.dtype):
+            return f"codebook dtype {self.codebook.dtype} is not supported"
+        if not torch.isfinite(self.codebook).all():
+            return "codebook holds NaN or Inf"
         if (self.scale is not None) != spec.channel_scale:
             there = "there" if self.scale is not None else "missing"
             return f"channel_scale is {spec.channel_scale} but the scale is {there}"
@@ -91,17 +94,17 @@ class CompressedLayer:
             if tuple(self.scale.shape) != (rows,):
                 return f"scale must have shape ({rows},), got {tuple(self.scale.shape)}"
             if not is_supported(self.scale.dtype) or not torch.isfinite(self.scale).all():
-                return "scale must hold finite values of a supported dtype"
+                return f"scale must be finite floats of a supported dtype, got {self.scale.dtype}"
         if self.indices.numel() and int(self.indices.max()) >= book[-2]:
             return f"index {int(self.indices.max())} is out of range of a {book[-2]}-entry codebook"
         if self.indices.numel() and int(self.indices.min()) < 0:
             return "indices must not be negative"
         if spec.preserve_zeros and (self.codebook[..., 0, :] != 0).any():
             return "preserve_zeros is set but codebook entry 0 is not zero"
-        return overflow(self.codebook, self.scale, shape, self.dtype)
+        return _overflow(self.codebook, self.scale, shape, self.dtype)
 
 
-def overflow(codebook: Tensor, scale: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+def _overflow(codebook: Tensor, scale: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
     """Why decoding would give weights that are not finite in ``dtype``, or None.
 
     Every codebook entry counts (used or not), times each scale of the rows

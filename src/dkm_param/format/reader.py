@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ..errors import FormatError, SpecError
 from ..ops import layout, packing
-from ..ops.dtypes import DTYPES, is_supported
+from ..ops.dtypes import DTYPES
 from ..spec import LAYOUTS, MAX_BITS, StorageSpec
-from .layer import CompressedLayer, overflow
+from .layer import CompressedLayer
 from .model import CompressedModel
 from .writer import FORMAT_NAME, FORMAT_VERSION
 
@@ -254,31 +254,23 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> Compress
         raise FormatError(
             f"{where}: packed indices have shape {indices_shape}, expected ({packing.packed_size(vectors, bits)},)"
         )
-    scale = None
-    if has_scale:
-        if _shape(path, f, f"{name}.scale") != (rows,):
-            raise FormatError(f"{where}: scale must have shape ({rows},)")
-        scale = _tensor(path, f, f"{name}.scale")
-        if not is_supported(scale.dtype) or not torch.isfinite(scale).all():
-            raise FormatError(f"{where}: scale must be finite floats of a supported dtype, got {scale.dtype}")
+    if has_scale and _shape(path, f, f"{name}.scale") != (rows,):
+        raise FormatError(f"{where}: scale must have shape ({rows},)")
     packed = _tensor(path, f, f"{name}.indices")
     if packed.dtype != torch.uint8:
         raise FormatError(f"{where}: packed indices must be uint8, got {packed.dtype}")
-    codebook = _tensor(path, f, f"{name}.codebook")
-    if not is_supported(codebook.dtype):
-        raise FormatError(f"{where}: codebook dtype {codebook.dtype} is not supported")
-    if not torch.isfinite(codebook).all():
-        raise FormatError(f"{where}: codebook holds NaN or Inf")
-    if spec.preserve_zeros and (codebook[..., 0, :] != 0).any():
-        raise FormatError(f"{where}: preserve_zeros is set but codebook entry 0 is not zero")
-    too_large = overflow(codebook, scale, shape, dtype)
-    if too_large:
-        raise FormatError(f"{where}: {too_large}")
-    indices = packing.unpack(packed, bits, vectors)
-    entries = codebook.shape[-2]
-    if int(indices.max()) >= entries:
-        raise FormatError(f"{where}: index {int(indices.max())} is out of range of a {entries}-entry codebook")
-    return CompressedLayer(shape=shape, dtype=dtype, spec=spec, codebook=codebook, indices=indices, scale=scale)
+    layer = CompressedLayer(
+        shape=shape,
+        dtype=dtype,
+        spec=spec,
+        codebook=_tensor(path, f, f"{name}.codebook"),
+        indices=packing.unpack(packed, bits, vectors),
+        scale=_tensor(path, f, f"{name}.scale") if has_scale else None,
+    )
+    problem = layer.problem()  # what the tensors hold: finite values, indices in range, no overflow
+    if problem:
+        raise FormatError(f"{where}: {problem}")
+    return layer
 
 
 def _int(where: str, key: str, value: Any, low: int, high: int) -> int:
