@@ -139,6 +139,40 @@ def test_half_precision_weights_cluster_in_float32():
     assert param(weight).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size, layout", [(None, "flat"), (4, "input")])
+def test_half_precision_weights_cluster_by_value_table_as_in_float32(dtype, group_size, layout):
+    weight = (torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    spec = dp.LayerSpec(bits=3, group_size=group_size, layout=layout)
+    by_value, as_float = make(weight, spec), make(weight.float(), spec)
+    torch.testing.assert_close(by_value.codebook, as_float.codebook)
+    assert by_value.by_value(weight) and not as_float.by_value(weight.float())
+    leaf, float_leaf = weight.clone().requires_grad_(), weight.float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = by_value(leaf)
+    # no float32 copy of the weight is kept for backward: the weight itself and tables only
+    assert got.dtype == dtype and all(t.dtype != torch.float32 or t.numel() < weight.numel() for t in saved)
+    want = as_float(float_leaf)
+    rounding = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=(1e-4 + rounding) * float(want.detach().abs().max()))
+    torch.testing.assert_close(by_value.codebook, as_float.codebook, rtol=0, atol=1e-4 * float(weight.abs().max()))
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))
+    (got.float() * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    atol = (2e-3 + rounding) * float(float_leaf.grad.abs().max())
+    torch.testing.assert_close(leaf.grad.float(), float_leaf.grad, rtol=0, atol=atol)
+
+
+def test_scaled_zero_pinned_and_vector_half_weights_take_the_float32_engine():
+    weight = torch.randn(16, 8).to(torch.bfloat16)
+    for spec in (dp.LayerSpec(bits=2, channel_scale=True), dp.LayerSpec(bits=2, preserve_zeros=True),
+                 dp.LayerSpec(bits=2, dim=2)):
+        param = make(weight, spec)
+        assert not param.by_value(weight)
+        assert param(weight).dtype == torch.bfloat16
+
+
 def test_non_finite_weights_are_detected_not_passed_on():
     weight = torch.randn(256)
     param = make(weight, dp.LayerSpec(bits=2))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import DKMError, RegistrationError
 from ..format import CompressedLayer
-from ..ops import kmeans, layout, soft
+from ..ops import kmeans, layout, soft, table
 from ..ops.dtypes import compute_dtype
 from ..spec import FLOAT32_MAX, FLOAT32_TINY, LayerSpec
 
@@ -26,9 +26,13 @@ class DKMParametrization(nn.Module):
     Raises RegistrationError when a temperature derived with ``tau_rel``, or
     the threshold, does not fit float32 (it would be 0 or inf).
 
-    Each group also keeps the order in which its values were last grouped
-    (``soft.OrderCache``, 4 bytes a weight, not in ``state_dict``), so that a
-    training step does not sort them anew.
+    A bfloat16 or float16 weight in one dimension (not scaled per channel,
+    no zeros pinned) is clustered by value table (``ops.table``, eDKM): no
+    float32 copy of it, and nothing of its size kept but the soft weight.
+    Other weights take the float32 engine (``ops.soft``), exact to float32's
+    rounding, where each group also keeps the order in which its values were
+    last grouped (``soft.OrderCache``, 4 bytes a weight, not in
+    ``state_dict``), so that a training step does not sort them anew.
 
     One training-mode result is reused while neither the weight nor the
     codebook changed and its backward has not run, so a weight read several
@@ -62,9 +66,12 @@ class DKMParametrization(nn.Module):
         else:
             books = codebook.to(device=work.device, dtype=work.dtype).reshape(len(groups), spec.clusters, spec.dim)
             books = torch.stack([self._pin(b[self._pinned:]) for b in books])
-        taus = torch.stack([self._temperature(v, book[self._pinned:]) for v, book in zip(live, books)])
+        # what tau, epsilon and settling read: the weight's distinct values and their counts
+        # (exact, for a weight clustered by value), or a summary of at most SETTLE_POINTS points
+        summaries = [self._summary(weight, g, v) for g, v in enumerate(live)]
+        taus = torch.stack([self._temperature(*summary, b[self._pinned:]) for summary, b in zip(summaries, books)])
         self._check_temperatures(taus, live, books)
-        spread = torch.stack([v.std(unbiased=False) if len(v) > 1 else v.new_zeros(()) for v in live])
+        spread = torch.stack([_spread(*summary) for summary in summaries])
         epsilon = (spec.epsilon * spread).to(work.dtype)
         if not torch.isfinite(epsilon).all():
             raise RegistrationError(
@@ -72,11 +79,14 @@ class DKMParametrization(nn.Module):
                 f"({float(spread.double().max()):.3g}) overflows {work.dtype}; lower epsilon in the layer's spec"
             )
         if spec.settle_iter:
-            books = torch.stack([
-                self._pin(soft.settle(v, book[self._pinned:], float(tau), spec.settle_iter,
-                                     spec.epsilon * float(std) / 4, spec.seed)[0]) if len(v) else book
-                for v, book, tau, std in zip(live, books, taus, spread)
-            ])
+            settled = []
+            for v, summary, book, tau, std in zip(live, summaries, books, taus, spread):
+                if len(v):
+                    points, counts = summary if spec.dim == 1 else (v, None)  # settle samples vectors itself
+                    book = self._pin(soft.settle(points, book[self._pinned:], float(tau), spec.settle_iter,
+                                                 spec.epsilon * float(std) / 4, spec.seed, counts)[0])
+                settled.append(book)
+            books = torch.stack(settled)
         self.register_buffer("codebook", (books[0] if len(groups) == 1 else books).contiguous())
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", epsilon)
@@ -96,14 +106,32 @@ class DKMParametrization(nn.Module):
         """The vectors that are clustered: all, or the non-zero ones with ``preserve_zeros``."""
         return vectors if self.zeros is None else vectors[~self.zeros[group]]
 
-    def _temperature(self, vectors: Tensor, codebook: Tensor) -> Tensor:
+    def _summary(self, weight: Tensor, group: int, vectors: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Points that stand for a group's vectors and how many each stands for (None: one each).
+
+        By value: the distinct values and their counts. One dimension: the weighted bin means
+        of ``soft.summary``. More: the vectors themselves.
+        """
+        spec = self.spec
+        if weight.dtype in table.HALF_DTYPES and spec.dim == 1 and self.scale is None and self.zeros is None:
+            values = layout.grouped_vectors(weight.detach(), 1, spec.group_size, None, spec.layout)[group, :, 0]
+            counts = table.value_counts(values)
+            present = counts.nonzero()[:, 0]
+            return table.value_table(weight.dtype, weight.device)[present, None], counts[present]
+        if spec.dim == 1 and len(vectors):
+            return soft.summary(vectors, soft.SETTLE_POINTS, spec.seed)
+        return vectors, None
+
+    def _temperature(self, vectors: Tensor, counts: Tensor | None, codebook: Tensor) -> Tensor:
         """The group's tau: the spec's, or ``tau_rel`` times the clustering error (the centroids'
-        spacing for a weight already on its centroids); ``_check_temperatures`` vets it."""
+        spacing for a weight already on its centroids); ``_check_temperatures`` vets it.
+
+        vectors: points standing for the group's vectors, ``counts`` of them each (None: one)."""
         if self.spec.tau is not None:
             return torch.tensor(self.spec.tau, dtype=vectors.dtype)
         if not len(vectors):
             return torch.ones((), dtype=vectors.dtype)  # nothing to cluster in this group
-        tau = self.spec.tau_rel * kmeans.squared_distance_to_nearest(vectors, codebook).mean()
+        tau = self.spec.tau_rel * _weighted_mean(kmeans.squared_distance_to_nearest(vectors, codebook), counts)
         if tau <= 0:  # the weight sits on its centroids (already snapped): use their spacing
             if (codebook == codebook[:1]).all():  # one value: nothing to tell apart, any tau serves
                 return torch.tensor(max(self.spec.tau_rel * FLOAT32_TINY, FLOAT32_TINY), dtype=vectors.dtype)
@@ -221,8 +249,15 @@ class DKMParametrization(nn.Module):
         self._cached = (self._key(weight), out)
         return out
 
+    def by_value(self, weight: Tensor) -> bool:
+        """Whether the weight is clustered by value table (``ops.table``): a bfloat16 or
+        float16 weight in one dimension, neither scaled per channel nor with zeros pinned."""
+        return weight.dtype in table.HALF_DTYPES and self.spec.dim == 1 and self.scale is None and self.zeros is None
+
     def _soft_weight(self, weight: Tensor) -> Tensor:
         """The soft-clustered weight, advancing the warm-started codebook."""
+        if self.by_value(weight):
+            return self._soft_by_value(weight)
         groups = self.grouped(weight)
         if not _finite(groups.detach()):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
@@ -241,6 +276,30 @@ class DKMParametrization(nn.Module):
                 soft_vectors = torch.zeros_like(vectors).index_put((torch.nonzero(~self.zeros[g])[:, 0],), soft_vectors)
             softs.append(soft_vectors)
             books.append(self._pin(updated))
+        return self._assemble(weight, softs, books)
+
+    def _soft_by_value(self, weight: Tensor) -> Tensor:
+        """``_soft_weight`` by value table: no float32 copy of the weight, memory O(table)."""
+        groups = layout.grouped_vectors(weight, 1, self.spec.group_size, None, self.spec.layout)  # (G, n, 1)
+        if not _finite(groups.detach()):
+            raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
+        softs, books = [], []
+        for g, (vectors, book) in enumerate(zip(groups, self.books())):
+            values = vectors[:, 0]
+            soft_values, updated, _ = table.table_cluster(
+                values, book, float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g]),
+                counts=self._value_counts(values.detach()),
+            )
+            softs.append(soft_values[:, None])
+            books.append(updated)
+        return self._assemble(weight, softs, books)
+
+    def _value_counts(self, values: Tensor) -> Tensor:
+        """``table.value_counts`` of the values; hook for counting across ranks."""
+        return table.value_counts(values)
+
+    def _assemble(self, weight: Tensor, softs: list[Tensor], books: list[Tensor]) -> Tensor:
+        """The groups' soft vectors as the weight, keeping the updated codebooks as the warm start."""
         books = torch.stack(books)
         if not torch.isfinite(books).all():  # never pass NaN on to the model
             raise DKMError(self._non_finite("clustering produced NaN or Inf centroids", weight))
@@ -282,6 +341,22 @@ def _spacing(codebook: Tensor) -> Tensor:
         return codebook.new_zeros(())
     gaps = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf")).min(1).values
     return gaps[torch.isfinite(gaps) & (gaps > 0)].mean().nan_to_num(0.0) / 12
+
+
+def _weighted_mean(values: Tensor, counts: Tensor | None) -> Tensor:
+    """The mean of ``values``, each counted ``counts`` times (None: once)."""
+    if counts is None:
+        return values.mean()
+    return (values * counts).sum() / counts.sum()
+
+
+def _spread(points: Tensor, counts: Tensor | None) -> Tensor:
+    """The standard deviation of all the values the points stand for (0 for fewer than two)."""
+    if counts is None:
+        return points.std(unbiased=False) if points.numel() > 1 else points.new_zeros(())
+    total = counts.sum()
+    mean = (points[:, 0] * counts).sum() / total
+    return (((points[:, 0] - mean) ** 2 * counts).sum() / total).sqrt()
 
 
 def _finite(values: Tensor) -> bool:

@@ -102,24 +102,31 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
     return torch.where(mass[:, None] > 0, moved, centroids), likelihood
 
 
-def _summary(vectors: Tensor, points: int, seed: int) -> tuple[Tensor, Tensor]:
+def _summary(vectors: Tensor, points: int, seed: int, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """At most ``points`` points that stand for ``vectors``, and their weights; sorted
-    in one dimension.  # (p, d), (p,)"""
+    in one dimension.  # (p, d), (p,)
+
+    counts: how many vectors each of ``vectors`` stands for (one dimension only).
+    """
     n, d = vectors.shape
     if n <= points:
-        return (vectors.sort(0).values if d == 1 else vectors), vectors.new_ones(n)
+        if d > 1:
+            return vectors, vectors.new_ones(n)
+        values, order = vectors.sort(0)
+        return values, (vectors.new_ones(n) if counts is None else counts[order[:, 0]])
     if d > 1:
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points]
         return vectors.index_select(0, chosen.to(vectors.device)), vectors.new_ones(points)
     values = vectors[:, 0].double()
+    mass = torch.ones_like(values) if counts is None else counts.double()
     low, high = torch.aminmax(values)
     if not high > low:
-        return vectors[:1], vectors.new_full((1,), float(n))
+        return vectors[:1], mass.sum().to(vectors.dtype)[None]
     bins = ((values - low) * (points / (high - low))).long().clamp_(0, points - 1)
-    counts = values.new_zeros(points).index_add_(0, bins, torch.ones_like(values))
-    sums = values.new_zeros(points).index_add_(0, bins, values)
-    full = counts > 0
-    return (sums[full] / counts[full]).to(vectors.dtype)[:, None], counts[full].to(vectors.dtype)
+    weights = values.new_zeros(points).index_add_(0, bins, mass)
+    sums = values.new_zeros(points).index_add_(0, bins, values * mass)
+    full = weights > 0
+    return (sums[full] / weights[full]).to(vectors.dtype)[:, None], weights[full].to(vectors.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def init_codebook(vectors: Tensor, k: int, method: str, seed: int, refine: int =
     generator = torch.Generator().manual_seed(seed)
     sample = vectors
     if vectors.shape[0] > _SEED_SAMPLE:
-        pick = torch.randperm(vectors.shape[0], generator=generator)[:_SEED_SAMPLE]
+        # drawn with replacement: a permutation of millions of rows costs more than the seeding
+        pick = torch.randint(vectors.shape[0], (_SEED_SAMPLE,), generator=generator)
         sample = vectors[pick.to(vectors.device)]
     if method == "kmeans++":
         codebook = kmeans_plusplus(sample, k, generator)

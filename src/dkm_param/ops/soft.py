@@ -21,6 +21,7 @@ __all__ = [
     "settle",
     "soft_cluster",
     "soft_cluster_reference",
+    "summary",
 ]
 
 def attention(vectors: Tensor, codebook: Tensor, tau: float) -> Tensor:
@@ -61,8 +62,27 @@ def soft_cluster_reference(
 SETTLE_POINTS = 1 << 14
 
 
+def summary(
+    vectors: Tensor, points: int = SETTLE_POINTS, seed: int = 0, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """At most ``points`` weighted points that stand for ``vectors``.  # (p, d), (p,)
+
+    One dimension: the means of equal-width bins, sorted, weighted by how many
+    vectors fell in each (``counts``: how many each of ``vectors`` stands for).
+    More: a random sample drawn with ``seed``, each weighing one.
+    """
+    with torch.no_grad():
+        return _summary(vectors, points, seed, counts)
+
+
 def settle(
-    vectors: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, seed: int = 0
+    vectors: Tensor,
+    codebook: Tensor,
+    tau: float,
+    max_iter: int,
+    epsilon: float,
+    seed: int = 0,
+    counts: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """The codebook moved, without gradient, to a fixed point of the centroid iterations:
     where one more iteration moves no centroid more than ``epsilon``.  # (k, d), iterations run
@@ -82,9 +102,14 @@ def settle(
     first of the two, so the ascent stays monotone and ends at a stable fixed point.
     The step length is capped by a bound that grows fourfold while it is reached
     and accepted, and shrinks fourfold on a rejection.
+
+    counts: in one dimension, how many weights each of ``vectors`` stands for
+    (a table of distinct values and their counts settles as the weight would).
     """
+    if counts is not None and vectors.shape[1] != 1:
+        raise ValueError(f"counts weigh one-dimensional vectors only, got dim {vectors.shape[1]}")
     with torch.no_grad():
-        points, counts = _summary(vectors, SETTLE_POINTS, seed)
+        points, counts = _summary(vectors, SETTLE_POINTS, seed, counts)
         settled, iterations = _squarem(points, counts, codebook, tau, max_iter, epsilon)
         if points.shape[0] < vectors.shape[0] and vectors.shape[1] > 1:
             # a sample's fixed point is off the data's by the sample's noise, which with
