@@ -106,6 +106,7 @@ def worker(case: dict) -> None:
     stopped by the timeout or out of memory still reports what it measured before."""
     import dkm_param as dp
     from dkm_param.ops import soft as ops_soft
+    from dkm_param.ops import table as ops_table
     from dkm_param.policy import weight_of
 
     device = torch.device(case["device"])
@@ -133,14 +134,19 @@ def worker(case: dict) -> None:
         return torch.cuda.max_memory_allocated(device) if gpu else peak_rss()
 
     iterations: list[int] = []
-    soft_cluster = ops_soft.soft_cluster
 
-    def counted(*args, **kwargs):  # DKMParametrization.forward calls soft.soft_cluster through the module
-        out = soft_cluster(*args, **kwargs)
-        iterations.append(out[2])
-        return out
+    def count(module, name):  # DKMParametrization.forward calls both engines through their modules
+        engine = getattr(module, name)
 
-    ops_soft.soft_cluster = counted
+        def counted(*args, **kwargs):
+            out = engine(*args, **kwargs)
+            iterations.append(out[2])
+            return out
+
+        setattr(module, name, counted)
+
+    count(ops_soft, "soft_cluster")
+    count(ops_table, "table_cluster")
 
     def steps(model, tokens) -> tuple[float, float, list[float]]:
         """(warm-up step, least of the timed steps, mean iterations per layer in each timed step)."""

@@ -34,8 +34,9 @@ __all__ = ["HALF_DTYPES", "TABLE_SIZE", "table_cluster", "value_codes", "value_c
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # entries of a table over every 16-bit pattern
 TABLE_SIZE = 1 << 16
-# weights read or written per lookup, so that temporaries stay a few MiB whatever the layer
-_PASS = 1 << 22
+# weights read or written per pass: temporaries of a few MiB stay in cache and are reused
+# from pass to pass (larger ones cost page faults and cache misses: twice the time)
+_PASS = 1 << 19
 # table rows per chunk of an iteration's attention
 _ROWS_ELEMENTS = 1 << 20
 
@@ -181,10 +182,11 @@ class _TableCluster(torch.autograd.Function):
             grad = grad_soft.reshape(-1)
             per_value = values.new_zeros(TABLE_SIZE, dtype=torch.float32)  # G_v
             flat = values.reshape(-1)
+            passes = []  # each pass's codes, kept for the second loop (within this backward only)
             for start in range(0, flat.numel(), _PASS):
                 stop = start + _PASS
-                codes, part = value_codes(flat[start:stop]), grad[start:stop].float()
-                per_value += torch.bincount(codes, weights=part, minlength=TABLE_SIZE)
+                passes.append(value_codes(flat[start:stop]))
+                per_value += torch.bincount(passes[-1], weights=grad[start:stop].float(), minlength=TABLE_SIZE)
             points = value_table(values.dtype, values.device)[present]
             with torch.enable_grad():
                 live = points.detach().requires_grad_()
@@ -194,10 +196,10 @@ class _TableCluster(torch.autograd.Function):
                 through_books = _soft(points, books[-2], books[-1], tau)  # u held in the last attention
                 (moved,) = torch.autograd.grad(through_books @ per_value[present], live)
             slope = _slope(points, books[-2].detach(), books[-1].detach(), tau)
-            both = torch.stack([_spread(slope, present), _spread(moved / weights, present)], 1)  # (65536, 2)
+            direct, shared = _spread(slope, present), _spread(moved / weights, present)
             out = torch.empty_like(flat)
-            for start in range(0, flat.numel(), _PASS):
-                stop = start + _PASS
-                looked = both.index_select(0, value_codes(flat[start:stop]))  # (r, 2): a_v, then the rest
-                out[start:stop] = torch.addcmul(looked[:, 1], looked[:, 0], grad[start:stop])
+            for start, codes in zip(range(0, flat.numel(), _PASS), passes):
+                # g_i a_v + b_v, in float32 throughout (mixed-dtype arithmetic is several times slower)
+                looked = direct.index_select(0, codes).mul_(grad[start : start + _PASS].float())
+                out[start : start + _PASS] = looked.add_(shared.index_select(0, codes))
         return out.view_as(values), None, None, None, None, None
