@@ -24,6 +24,10 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
     Also takes off the codebooks ``finetune_codebooks`` attached. Every layer
     is exported before any is changed, so on an error the model keeps DKM
     registered, as it was.
+    Under FSDP2 every rank calls it and gets the whole CompressedModel, the
+    sharded tensors gathered (save it from one rank); the sharded model is
+    left as it is, DKM registered (FSDP2 holds each weight by the name DKM
+    gave it): load the file into an unwrapped model with ``load_compressed``.
     Raises RegistrationError when no weight has DKM registered, DKMError for
     a layer whose codebook is not finite.
     """
@@ -40,9 +44,12 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
     for key, users in track(members.items(), total=len(members), desc="finalizing"):
         param = params[key]
         users.sort(key=lambda user: user[0] != param.name)  # the layer the plan chose leads
-        original = users[0][1].parametrizations.weight.original
+        original = _whole(users[0][1].parametrizations.weight.original)
         with torch.no_grad():
             exported.append((users, param.export_layer(original, codebook_dtype or original.dtype)))
+    skipped = params[next(iter(params))].skipped
+    if any(_is_sharded(users[0][1].parametrizations.weight.original) for users, _ in exported):
+        return _gathered(model, exported, skipped)
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
     for users, layer in exported:
@@ -54,5 +61,34 @@ def finalize(model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Com
             original.copy_(layer.weight())
         layers[weight_key(lead_name)] = layer
         aliases.update({weight_key(name): weight_key(lead_name) for name, _ in followers})
-    skipped = params[next(iter(params))].skipped
     return assemble(model.state_dict(), layers, aliases, skipped)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether the tensor is sharded across ranks (a DTensor, as FSDP2 keeps parameters)."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _gathered(model: nn.Module, exported: list, skipped: tuple) -> CompressedModel:
+    """finalize under FSDP2: the CompressedModel, every sharded tensor gathered; the model is
+    left as it is (FSDP2 holds each weight by the name the parametrization gave it, so taking
+    DKM off would break its bookkeeping). Every rank must call it."""
+    layers: dict[str, CompressedLayer] = {}
+    aliases: dict[str, str] = {}
+    owned = []  # state_dict prefixes of the parametrizations: their weights are in ``layers``
+    for users, layer in exported:
+        lead_name = users[0][0]
+        layers[weight_key(lead_name)] = layer
+        aliases.update({weight_key(name): weight_key(lead_name) for name, _ in users[1:]})
+        owned += [f"{name}.parametrizations.weight." if name else "parametrizations.weight." for name, _ in users]
+    state = {
+        name: tensor.full_tensor() if _is_sharded(tensor) else tensor
+        for name, tensor in model.state_dict().items()
+        if not name.startswith(tuple(owned))
+    }
+    return assemble(state, layers, aliases, skipped)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every rank; any other tensor as it is."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor

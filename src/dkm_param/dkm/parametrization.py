@@ -91,6 +91,7 @@ class DKMParametrization(nn.Module):
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", epsilon)
         self._cached: tuple[tuple, Tensor] | None = None
+        self.process_group = None  # set by register_dkm; not state (it neither pickles nor copies)
         # each group's value order, reused from step to step (not state: a speed-up only)
         self._orders = [soft.OrderCache() for _ in range(len(groups))]
 
@@ -295,8 +296,17 @@ class DKMParametrization(nn.Module):
         return self._assemble(weight, softs, books)
 
     def _value_counts(self, values: Tensor) -> Tensor:
-        """``table.value_counts`` of the values; hook for counting across ranks."""
-        return table.value_counts(values)
+        """``table.value_counts`` of the values: with a ``process_group``, each rank counts its
+        slice and the counts are summed across the group (whole numbers: exactly the count of all)."""
+        group = self.process_group
+        if group is None:
+            return table.value_counts(values)
+        import torch.distributed as dist
+
+        rank, ranks, n = dist.get_rank(group), dist.get_world_size(group), values.numel()
+        counts = table.value_counts(values[rank * n // ranks : (rank + 1) * n // ranks])
+        dist.all_reduce(counts, group=group)
+        return counts
 
     def _assemble(self, weight: Tensor, softs: list[Tensor], books: list[Tensor]) -> Tensor:
         """The groups' soft vectors as the weight, keeping the updated codebooks as the warm start."""
@@ -324,6 +334,7 @@ class DKMParametrization(nn.Module):
         # the cached result holds an autograd graph, which neither pickles nor deep-copies
         state = self.__dict__.copy()
         state["_cached"] = None
+        state["process_group"] = None
         return state
 
     def _key(self, weight: Tensor) -> tuple:

@@ -19,13 +19,22 @@ if TYPE_CHECKING:
     from ..format import CompressedModel
 
 
-def register_dkm(model: nn.Module, policy: Policy | None = None, init: CompressedModel | None = None) -> Plan:
+def register_dkm(
+    model: nn.Module, policy: Policy | None = None, init: CompressedModel | None = None, process_group=None
+) -> Plan:
     """Attach a DKMParametrization to every weight ``policy`` selects, in place.
 
     Returns the plan applied (print it for a table). A weight shared by
     several modules gets one parametrization, registered on each of them.
     init: a CompressedModel (e.g. from ``palettize(..., inplace=False)``)
     whose codebooks seed the layers it holds, instead of ``spec.init``.
+    process_group: under ``torch.distributed`` (DDP, FSDP2: register before
+    wrapping), the ranks that share the clustering of weights clustered by
+    value table: each rank counts the values of its slice of a weight and the
+    counts are summed across the group (an all-reduce per layer and step), so
+    every rank clusters the same table. Every rank must then run the same
+    training forwards. None: each rank clusters whole weights on its own (the
+    codebooks agree all the same, the weights being equal on every rank).
     Every layer's clustering is built before any is attached, so on an error
     the model is left as it was.
     Raises RegistrationError if the model already has DKM registered or a
@@ -52,6 +61,7 @@ def register_dkm(model: nn.Module, policy: Policy | None = None, init: Compresse
                 "fix the model's weights or skip the layer in the policy"
             )
         param = DKMParametrization(weight, row.spec, name=row.name, codebook=_seed(init, row), skipped=skipped)
+        param.process_group = process_group
         built.append((row, param))
     try:
         for row, param in built:
