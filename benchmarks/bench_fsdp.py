@@ -63,9 +63,10 @@ def policy():
 
 
 def rank_worker(rank: int, port: int, args, folder: str) -> None:
-    import dkm_param as dp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import dkm_param as dp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS)

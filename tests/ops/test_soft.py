@@ -419,6 +419,28 @@ def test_summary_keeps_count_mean_and_range(values, points, seed):
         assert all((vectors == row).all(1).any() for row in summary)
 
 
+@given(seed=seeds, distinct=st.integers(2, 400), repeats=st.integers(1, 60), b=st.integers(1, 4))
+def test_settling_distinct_values_with_counts_is_settling_the_values(seed, distinct, repeats, b):
+    # what registration does for a half-precision weight: its distinct values, weighted by their counts
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(distinct, generator=gen, dtype=torch.float64)
+    counts = torch.randint(1, repeats + 1, (distinct,), generator=gen).double()
+    expanded = values.repeat_interleave(counts.long())[:, None]
+    codebook, tau, epsilon = realistic_start(expanded, 1 << b)
+    want, want_iterations = soft.settle(expanded, codebook, tau, 50, epsilon)
+    points, weights = soft.summary(values[:, None], counts=counts)
+    got, iterations = soft.settle(points, codebook, tau, 50, epsilon, counts=weights)
+    if expanded.shape[0] <= soft.SETTLE_POINTS:  # the same points either way: the same iterations
+        assert iterations == want_iterations
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * float(values.abs().max()))
+    assert float(weights.sum()) == expanded.shape[0]
+
+
+def test_settle_counts_weigh_one_dimension_only():
+    with pytest.raises(ValueError, match="one-dimensional"):
+        soft.settle(torch.zeros(4, 2), torch.zeros(2, 2), 1.0, 5, 0.0, counts=torch.ones(4))
+
+
 @given(problem=problems(realistic=True))
 def test_settle_keeps_centroids_finite_and_inside_the_data(problem):
     vectors, codebook, tau, _, epsilon = problem

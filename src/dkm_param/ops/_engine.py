@@ -32,11 +32,12 @@ class OrderCache:
         self.stale = True
 
     def take(self, n: int, device: torch.device) -> Tensor | None:
-        """The kept order, as int64, if it fits ``n`` values on ``device`` and is not stale."""
+        """The kept order (int32 where the weight allows) if it fits ``n`` values on ``device``
+        and is not stale; the caller shares it, never changes it."""
         order = self.order
         if self.stale or order is None or order.numel() != n or order.device != device:
             return None
-        return order.long()
+        return order
 
     def update(self, order: Tensor, size: int, fresh: bool) -> None:
         """Keeps a fresh ``order`` and its attention ``size``; marks an old one stale once it costs too much."""
@@ -85,13 +86,14 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
         plan = _window_plan(points[:, 0], centroids, tau, CHUNK_ELEMENTS)
     else:
         plan = _dense_plan(p, k, max(1, CHUNK_ELEMENTS // d))
-    mass, weighted, likelihood = centroids.new_zeros(k), torch.zeros_like(centroids), 0.0
+    mass, weighted = centroids.new_zeros(k), torch.zeros_like(centroids)
+    likelihood = torch.zeros((), dtype=torch.float64, device=points.device)  # read once, not per chunk
     for start, stop, cols, *_ in plan:
         chunk, count, near = points[start:stop], counts[start:stop], _pick(centroids, cols)
         logits = (chunk[:, None, :] - near[None, :, :]).pow(2).sum(-1).div_(-tau)  # (r, m)
         norm = torch.logsumexp(logits, 1)
         attn = logits.sub_(norm[:, None]).exp_().mul_(count[:, None])
-        likelihood += float(norm.double() @ count.double())
+        likelihood += norm.double() @ count.double()
         if cols is None:
             mass += attn.sum(0)
             weighted += attn.T @ chunk
@@ -99,7 +101,7 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
             mass.index_add_(0, cols, attn.sum(0))
             weighted.index_add_(0, cols, attn.T @ chunk)
     moved = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None]
-    return torch.where(mass[:, None] > 0, moved, centroids), likelihood
+    return torch.where(mass[:, None] > 0, moved, centroids), float(likelihood)
 
 
 def _summary(vectors: Tensor, points: int, seed: int, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -268,7 +270,7 @@ def _unrows(rows: Tensor, order: Tensor | None) -> Tensor:
     """Coordinate rows in processing order back to vectors in the input order.  # (n, d)"""
     if order is None:
         return rows.T.contiguous()
-    return torch.empty_like(rows[0]).scatter_(0, order, rows[0])[:, None]
+    return torch.empty_like(rows[0]).scatter_(0, order.long(), rows[0])[:, None]
 
 
 def _dense_plan(n: int, k: int, budget: int) -> list:
@@ -453,7 +455,9 @@ def _cluster(
     if window and d == 1 and k >= _WINDOW_CLUSTERS:
         order = cache.take(n, vectors.device) if cache is not None else None
         if order is None:
+            # int32 where it fits: the order is saved for backward and kept by the cache, one tensor
             order, fresh = _value_order(vectors[:, 0]), True
+            order = order.int() if n < 2**31 else order
     centre = vectors.detach().mean(0) if d > 1 else None
     rows = _rows(vectors, order, centre)
     tiny = torch.finfo(vectors.dtype).tiny
@@ -686,16 +690,17 @@ def _chunk_grad_nd(rows, grads, table, tau, far, centre, cached, last, with_bias
 
 class _SoftCluster(torch.autograd.Function):
     """``soft_cluster`` whose backward recomputes the attention: saves the vectors
-    (in one dimension, their values in order) and that order, and the (k, d)
-    codebooks and masses, nothing of size n k."""
+    (usually a view of the caller's weight), in one dimension the order of their
+    values (int32, shared with the order cache), and the (k, d) codebooks and
+    masses, nothing of size n k."""
 
     @staticmethod
     def forward(ctx, vectors, codebook, tau, max_iter, epsilon, window, budget, cache):
         run = _cluster(vectors, codebook, tau, max_iter, epsilon, window, budget, cache)
         order = run.order if run.order is not None else vectors.new_empty(0, dtype=torch.long)
-        # the values in their order stand in for the vectors: both are n floats
-        values = run.rows if run.rows is not None else vectors
-        ctx.save_for_backward(values, order, torch.stack(run.codebooks), torch.stack(run.masses))
+        # the vectors, not their values in order: the vectors are usually a view of the
+        # caller's weight, which costs nothing to keep; backward gathers the values again
+        ctx.save_for_backward(vectors, order, torch.stack(run.codebooks), torch.stack(run.masses))
         ctx.plans, ctx.tau, ctx.sorted = run.plans, tau, run.order is not None
         final = run.codebooks[-1]
         ctx.mark_non_differentiable(final)
@@ -708,11 +713,12 @@ class _SoftCluster(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_soft):
-        values, order, codebooks, masses = ctx.saved_tensors
+        vectors, order, codebooks, masses = ctx.saved_tensors
         if ctx.sorted:
-            vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, values)
+            rows = _rows(vectors, order, None)
+            vectors, run = None, _Run(None, list(codebooks), list(masses), ctx.plans, order, rows)
         else:
-            vectors, run = values, _Run(None, list(codebooks), list(masses), ctx.plans, None)
+            run = _Run(None, list(codebooks), list(masses), ctx.plans, None)
         return (
             _cluster_backward(vectors, grad_soft.contiguous(), run, ctx.tau),
             None,
