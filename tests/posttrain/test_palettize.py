@@ -85,20 +85,6 @@ def test_vector_layers_use_em_and_fill_the_codebook():
     assert torch.bincount(layer.indices.long(), minlength=16).min() > 0
 
 
-def test_fisher_gives_one_non_negative_tensor_per_weight():
-    model = mlp()
-    x = torch.randn(16, 64)
-    with_labels = dp.fisher(model, [(x, torch.arange(16) % 10)])
-    own = dp.fisher(model, [x, x])
-    for name in ("0", "2", "4"):
-        weight = model.get_submodule(name).weight
-        assert with_labels[name].shape == own[name].shape == weight.shape
-        assert (own[name] >= 0).all() and own[name].sum() > 0
-    assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(dp.DKMError, match="at least one calibration batch"):
-        dp.fisher(model, [])
-
-
 def test_palettized_codebooks_seed_dkm():
     model = mlp()
     compressed = dp.palettize(model, POLICY, inplace=False)
