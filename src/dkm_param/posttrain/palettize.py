@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,8 @@ from ..ops.dtypes import compute_dtype
 from ..policy import Policy, check_materialized, weight_key, weight_of
 from ..progress import track
 from ..spec import LayerSpec, StorageSpec
+from . import calibration as calibration_module
+from .calibration import calibration_inputs, input_statistics
 
 
 def palettize(
@@ -26,6 +28,8 @@ def palettize(
     optimal: bool = False,
     codebook_dtype: torch.dtype | None = None,
     inplace: bool = True,
+    calibration: Iterable[Any] | None = None,
+    damp: float = 0.01,
 ) -> CompressedModel:
     """Cluster every weight ``policy`` selects with k-means, in seconds.
 
@@ -39,7 +43,20 @@ def palettize(
         layer has been clustered, so an error leaves the model as it was; with False
         the model keeps its weights, e.g. to seed DKM from the result with
         ``register_dkm(model, policy, init=compressed)``.
-    Raises RegistrationError for a model with DKM registered.
+    calibration: batches (inputs, ``(inputs, targets)`` pairs or dicts of
+        keyword arguments) the model is run on to collect each clustered
+        layer's input statistics ``H = sum x x^T``; each layer's k-means
+        codebook (weighted by ``sensitivity``, or else by the energy of each
+        input, ``H_cc``) is then assigned to column by column with error
+        feedback (GPTQ on the lookup table; vectors of ``dim`` columns
+        together), and refit by least squares weighted by ``H_cc`` where
+        that lowers the layer's calibration error. Linear, transformers'
+        Conv1D and ungrouped Conv1d/Conv2d layers. The statistics are
+        collected a few layers at a time (at most 1 GiB of them), running
+        the batches once per group of layers.
+    damp: added to the diagonal of ``H``, as a fraction of its mean (GPTQ's 1%).
+    Raises RegistrationError for a model with DKM registered, DKMError for a
+    layer calibration cannot read.
     """
     if next(exportable_parametrizations(model), None) is not None:
         raise RegistrationError("model has DKM registered; call dp.finalize(model) instead, or dp.remove_dkm first")
@@ -50,12 +67,25 @@ def palettize(
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
     rows = plan.clustered()
+    passes = _statistics_passes(model, rows, calibration)
+    batches = None if calibration is None else calibration_inputs(calibration)
+    starts = {id(group[0]): group for group in passes if group}  # rows where a pass of statistics begins
+    stats: dict[str, Tensor] = {}
     for row in track(rows, total=len(rows), desc="palettizing"):
-        weight = weight_of(model.get_submodule(row.name))
+        if batches is not None and id(row) in starts:
+            stats = input_statistics(model, batches, [member.name for member in starts[id(row)]])
+        module = model.get_submodule(row.name)
+        weight = weight_of(module).detach()
         importance = None if sensitivity is None else sensitivity.get(row.name)
-        layers[weight_key(row.name)] = cluster_weight(
-            weight.detach(), row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype
-        )
+        if batches is None:
+            layer = cluster_weight(
+                weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype
+            )
+        else:
+            layer = calibrated_layer(
+                weight, module, row.spec, stats.pop(row.name), row.name, importance, optimal, codebook_dtype, damp
+            )
+        layers[weight_key(row.name)] = layer
         for follower in row.followers:
             aliases[weight_key(follower)] = weight_key(row.name)
     if inplace:  # only once every layer has been clustered: an error leaves the model as it was
@@ -63,6 +93,95 @@ def palettize(
             for row in rows:
                 weight_of(model.get_submodule(row.name)).copy_(layers[weight_key(row.name)].weight())
     return assemble(model.state_dict(), layers, aliases, plan.skipped())
+
+
+# input statistics held at once while calibrating
+_STATISTICS_BYTES = 1 << 30
+
+
+def _statistics_passes(model: nn.Module, rows: list, calibration) -> list[list]:
+    """The rows in groups whose input statistics fit ``_STATISTICS_BYTES`` together (one group
+    without calibration). Raises DKMError for a layer calibration cannot read, before any work."""
+    if calibration is None:
+        return [rows]
+    passes, size = [[]], 0
+    for row in rows:
+        module = model.get_submodule(row.name)
+        calibration_module.check_calibratable(row.name, module)
+        width = calibration_module.columns(module)
+        if calibration_module.is_transposed(module) and row.spec.dim > 1:
+            raise DKMError(
+                f"layer '{row.name}' (Conv1D): its vectors run across output features, which calibration does "
+                "not assign together; use dim=1 for it, or palettize without calibration"
+            )
+        if width % row.spec.dim:
+            raise DKMError(
+                f"layer '{row.name}': calibration assigns vectors of dim={row.spec.dim} along the {width} input "
+                "features, which dim does not divide; choose a dim that divides them, or palettize without calibration"
+            )
+        need = width * width * weight_of(module).new_empty(()).to(compute_dtype(weight_of(module).dtype)).element_size()
+        if passes[-1] and size + need > _STATISTICS_BYTES:
+            passes.append([])
+            size = 0
+        passes[-1].append(row)
+        size += need
+    return passes
+
+
+def calibrated_layer(
+    weight: Tensor, module: nn.Module, spec: LayerSpec, hessian: Tensor, name: str, importance: Tensor | None,
+    optimal: bool, codebook_dtype: torch.dtype | None, damp: float,
+) -> CompressedLayer:
+    """One layer palettized with its input statistics ``hessian`` (see ``palettize``)."""
+    order = calibration_module.layout_order(weight, module, spec.layout)
+    natural = calibration_module.as_rows(weight, module)  # (R, C)
+    count = natural.shape[0]
+    if importance is None:  # each value weighs the energy of the input it multiplies
+        energy = calibration_module.column_importance(hessian, count, None)
+        importance = calibration_module.rows_to_weight(energy, weight, module)
+    start = cluster_weight(weight, spec, name, importance, optimal=optimal, codebook_dtype=codebook_dtype)
+    rows = natural if order is None else natural[:, order]
+    if order is not None:
+        hessian = hessian[order][:, order]
+    groups = layout.groups(tuple(weight.shape), spec.group_size)
+    books = start.codebook.to(rows.dtype).reshape(groups, spec.clusters, spec.dim)
+    # a weight's groups and scales follow its stored rows: W's rows, or its columns for a Conv1D
+    stored_rows, width = weight.shape[0] if weight.dim() > 1 else 1, rows.shape[1]
+    group = torch.arange(stored_rows, device=rows.device) // (stored_rows // groups)
+    scale = None if start.scale is None else start.scale.to(rows.dtype)
+    if calibration_module.is_transposed(module):
+        group_of = group[None, :].expand(count, width)
+        scale_of = None if scale is None else scale[None, :].expand(count, width)
+    else:
+        group_of = group[:, None].expand(count, width // spec.dim)
+        scale_of = None if scale is None else scale[:, None].expand(count, width)
+    pinned = (rows.reshape(count, -1, spec.dim) == 0).all(-1) if spec.preserve_zeros else None
+    chosen = calibration_module.assign(rows, hessian, books, group_of, scale_of, pinned, damp)
+    stored = start.codebook.dtype
+    fitted = calibration_module.refit(
+        rows, chosen, books, group_of, scale_of, calibration_module.column_importance(hessian, count, None)
+    ).to(stored).to(rows.dtype)
+    if spec.preserve_zeros:
+        fitted[:, 0] = 0
+    error = calibration_module.output_error
+    if error(rows, hessian, chosen, fitted, group_of, scale_of) < error(
+        rows, hessian, chosen, books, group_of, scale_of
+    ):
+        books = fitted
+    if calibration_module.is_transposed(module):  # indices in the stored (in, out) order
+        chosen = chosen.T
+    layer = CompressedLayer(
+        shape=tuple(weight.shape),
+        dtype=weight.dtype,
+        spec=spec,
+        codebook=(books[0] if groups == 1 and spec.group_size is None else books).to(stored).cpu(),
+        indices=chosen.reshape(-1).to(torch.uint8).cpu(),  # vectors in the layout's order
+        scale=start.scale,
+    )
+    problem = layer.problem()
+    if problem:
+        raise DKMError(f"layer '{name}': {problem}; store the codebook in a wider dtype (codebook_dtype)")
+    return layer
 
 
 def cluster_weight(
