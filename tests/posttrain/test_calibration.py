@@ -169,3 +169,29 @@ def test_a_layer_the_batches_never_reach_is_an_error():
     with pytest.raises(dp.DKMError, match=r"layer 'unused' received no input"):
         dp.palettize(Branches(), dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None),
                      calibration=[torch.randn(4, 8)])
+
+
+def test_bad_calibration_inputs_and_damping_are_errors():
+    model = nn.Sequential(nn.Linear(8, 8))
+    policy = dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None)
+    broken = torch.randn(4, 8)
+    broken[1, 2] = float("nan")
+    with pytest.raises(dp.DKMError, match=r"layer '0': its calibration inputs hold NaN or Inf"):
+        dp.palettize(model, policy, calibration=[broken])
+    for damp in (-0.1, float("nan"), "0.01"):
+        with pytest.raises(dp.DKMError, match="damp must be a finite number"):
+            dp.palettize(model, policy, calibration=[torch.randn(4, 8)], damp=damp)
+
+
+def test_bfloat16_models_calibrate():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    inputs = (torch.randn(256, 32) @ torch.randn(32, 32) * 0.3).to(torch.bfloat16)
+    policy = dp.Policy(default=dp.LayerSpec(bits=3), small_layer_bits=None)
+    plain, _ = palettized(model, policy)
+    calibrated, compressed = palettized(model, policy, calibration=[inputs[:128]])
+    assert calibrated[0].weight.dtype == torch.bfloat16
+    assert torch.unique(calibrated[0].weight).numel() <= 8
+    assert relative_error(calibrated.float(), model.float(), inputs[128:].float()) < relative_error(
+        plain.float(), model.float(), inputs[128:].float()
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -67,6 +68,8 @@ def palettize(
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
     rows = plan.clustered()
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise DKMError(f"damp must be a finite number >= 0 (a fraction of the statistics' mean diagonal), got {damp!r}")
     passes = _statistics_passes(model, rows, calibration)
     batches = None if calibration is None else calibration_inputs(calibration)
     starts = {id(group[0]): group for group in passes if group}  # rows where a pass of statistics begins
@@ -133,6 +136,11 @@ def calibrated_layer(
     optimal: bool, codebook_dtype: torch.dtype | None, damp: float,
 ) -> CompressedLayer:
     """One layer palettized with its input statistics ``hessian`` (see ``palettize``)."""
+    if not torch.isfinite(hessian).all():
+        raise DKMError(
+            f"layer '{name}': its calibration inputs hold NaN or Inf (or overflow {hessian.dtype} when squared); "
+            "check the calibration batches"
+        )
     order = calibration_module.layout_order(weight, module, spec.layout)
     natural = calibration_module.as_rows(weight, module)  # (R, C)
     count = natural.shape[0]
