@@ -15,16 +15,17 @@ _BINS = 1 << 20
 
 
 def nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest centroid for every vector.  # (n,) int64
+    """Index of the nearest centroid for every vector.  # (n,) int32 in one dimension, else int64
 
-    Memory stays O(n + k): 1-D uses a binary search over the sorted centroids,
-    vectors use chunked exact distances.
+    Memory stays O(n + k): 1-D uses a binary search over the sorted centroids
+    (4-byte indices: a layer of millions of weights), vectors use chunked exact distances.
     """
     if codebook.shape[1] == 1:
         order = torch.argsort(codebook[:, 0], stable=True)
         ordered = codebook[order, 0]
         midpoints = (ordered[1:] + ordered[:-1]) / 2
-        return order[torch.searchsorted(midpoints, vectors[:, 0].contiguous(), right=False)]
+        found = torch.searchsorted(midpoints, vectors[:, 0].contiguous(), right=False, out_int32=True)
+        return order.int()[found]
     rows = max(1, _PAIRS_PER_CHUNK // codebook.shape[0])
     out = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
     for start in range(0, vectors.shape[0], rows):
@@ -235,7 +236,7 @@ def _histogram(values: Tensor, weights: Tensor | None) -> _Sorted:
     if high <= low:
         total = values.new_tensor([float(values.numel())]) if weights is None else weights.sum()[None]
         return _Sorted(values[:1], total, presorted=True)
-    index = ((values - low) * (_BINS / (high - low))).long().clamp_(0, _BINS - 1)
+    index = ((values - low) * (_BINS / (high - low))).int().clamp_(0, _BINS - 1)  # (int32: 4 bytes a value)
     if weights is None:
         mass = torch.bincount(index, minlength=_BINS).double()
         sums = torch.bincount(index, weights=values, minlength=_BINS).double()

@@ -245,9 +245,9 @@ def cluster_weight(
         except kmeans.EmptyClusterError as exc:
             raise ClusteringError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
         codebook = codebook.to(stored).to(work.dtype)  # assign against the codebook as stored
-        found = kmeans.nearest(vectors, codebook) + pinned
+        found = (kmeans.nearest(vectors, codebook) + pinned).to(torch.uint8)  # one byte a vector from here on
         books.append(torch.cat([codebook.new_zeros(pinned, spec.dim), codebook]))
-        indices.append(torch.where(zeros.to(found.device), 0, found))
+        indices.append(torch.where(zeros.to(found.device), 0, found) if spec.preserve_zeros else found)
     codebook = books[0] if len(books) == 1 else torch.stack(books)
     layer = CompressedLayer(
         shape=tuple(weight.shape),
