@@ -85,6 +85,7 @@ def rank_worker(rank: int, port: int, args, folder: str) -> None:
     indices = {name: layer.indices for name, layer in compressed.layers.items()}
     torch.save({"times": times, "peak": peak_rss(), "books": books, "indices": indices},
                os.path.join(folder, f"{rank}.pt"))
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a closed peer)
     dist.destroy_process_group()
 
 

@@ -37,6 +37,8 @@ PUBLIC = {
     "finetune_codebooks",
     "register_dkm",
     "remove_dkm",
+    "scale_temperature",
+    "snapped",
 }
 
 

@@ -1,5 +1,6 @@
 """dkm-param: weight clustering (differentiable k-means) for PyTorch models."""
 
+from .dkm.anneal import scale_temperature, snapped
 from .dkm.codebooks import CodebookParametrization, finetune_codebooks
 from .dkm.finalize import finalize
 from .dkm.parametrization import DKMParametrization
@@ -16,6 +17,8 @@ from .spec import LayerSpec, StorageSpec, TrainingSpec
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "scale_temperature",
+    "snapped",
     "CodebookParametrization",
     "finetune_codebooks",
     "CSGDSpec",

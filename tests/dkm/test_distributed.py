@@ -65,6 +65,7 @@ def _worker(rank, port, mode, dtype, share_counts, folder):
         torch.save({"books": books, "indices": indices}, os.path.join(folder, f"{rank}.pt"))
         if rank == 0:
             compressed.save(os.path.join(folder, "model.safetensors"))
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a closed peer)
     finally:
         dist.destroy_process_group()
 

@@ -92,6 +92,7 @@ class DKMParametrization(nn.Module):
         self.register_buffer("epsilon", epsilon)
         self._cached: tuple[tuple, Tensor] | None = None
         self.process_group = None  # set by register_dkm; not state (it neither pickles nor copies)
+        self.snapping = False  # set within dp.snapped(model): snapped weights in training mode too
         # each group's value order, reused from step to step (not state: a speed-up only)
         self._orders = [soft.OrderCache() for _ in range(len(groups))]
 
@@ -235,7 +236,7 @@ class DKMParametrization(nn.Module):
     # torch.compile runs it eagerly and compiles the rest of the model.
     @torch.compiler.disable
     def forward(self, weight: Tensor) -> Tensor:
-        if not self.training:
+        if not self.training or self.snapping:
             return self.snap(weight)
         key = self._key(weight)
         if self._cached is not None and self._cached[0] == key:
@@ -338,7 +339,9 @@ class DKMParametrization(nn.Module):
         return state
 
     def _key(self, weight: Tensor) -> tuple:
-        return (weight.data_ptr(), weight._version, self.codebook._version, torch.is_grad_enabled())
+        # any change to the clustering's own state (codebook, tau, epsilon) makes a new result
+        state = (self.codebook._version, self.tau._version, self.epsilon._version)
+        return (weight.data_ptr(), weight._version, state, torch.is_grad_enabled())
 
     def _forget(self, grad: Tensor) -> None:
         # backward has consumed the graph: the next read must build a new one
