@@ -41,6 +41,8 @@ SEQ, BATCH, EVAL_SEQS, CALIBRATION_SEQS = 128, 32, 256, 16
 CONFIG = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4,
               num_key_value_heads=4, vocab_size=256, max_position_embeddings=SEQ, use_cache=False)
 TARGETS = {4: 1.02, 3: 1.10}
+DKM_TARGETS = {3: 1.03, 2: 1.15}
+ANNEAL = 0.01  # tau at the end of the DKM recipe, relative to its start
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "posttrain_lm"))
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dkm-steps", type=int, default=100, help="steps of the DKM recipe (0: skip it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +138,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads\n")
     print("| bits | method | perplexity | vs float | target | time | peak memory |")
     print("|---|---|---|---|---|---|---|")
+    recipe_rows = []
     for bits in args.bits:
         for name, options in methods.items():
             options = options(bits)
@@ -150,6 +154,56 @@ def main() -> None:
             mark = "-" if target is None else f"<= {target:.2f}x ({'ok' if ppl / float_ppl <= target else 'over'})"
             print(f"| {bits} | {name} | {ppl:.3f} | {ppl / float_ppl:.3f}x | {mark} | {took:.1f} s "
                   f"| {peak / 2**20:,.0f} MiB |", flush=True)
+        if args.dkm_steps:
+            reset_peak()
+            began = time.perf_counter()
+            student, gaps = dkm_recipe(model, bits, inputs, batches, train_data, args.dkm_steps)
+            took, peak = time.perf_counter() - began, peak_rss()
+            ppl = perplexity(student, held)
+            target = DKM_TARGETS.get(bits)
+            mark = "-" if target is None else f"<= {target:.2f}x ({'ok' if ppl / float_ppl <= target else 'over'})"
+            print(f"| {bits} | DKM recipe, groups of 16 ({args.dkm_steps} steps) | {ppl:.3f} | {ppl / float_ppl:.3f}x "
+                  f"| {mark} | {took:.1f} s | {peak / 2**20:,.0f} MiB |", flush=True)
+            recipe_rows.append((bits, gaps))
+    for bits, gaps in recipe_rows:
+        shown = ", ".join(
+            f"step {step}: {soft:.3f} / {hard:.3f} ({(hard - soft) / soft:+.2%})" for step, soft, hard in gaps
+        )
+        print(f"\nDKM recipe at {bits} bits, training loss with soft / snapped weights: {shown}")
+
+
+def dkm_recipe(model, bits: int, inputs, batches, data: torch.Tensor, steps: int):
+    """DKM fine-tuning seeded by the calibrated, sensitivity-weighted palettization, distilled from the
+    float model, its temperature annealed a hundredfold over the steps so that the soft weights it trains
+    with end where ``finalize`` snaps them. Returns (the finalized student, [(step, soft loss, snapped loss)])."""
+    policy = grouped(bits, ("lm_head",))
+    student = copy.deepcopy(model)
+    sensitivity = dp.fisher(student, batches)
+    seed = dp.palettize(student, policy, calibration=inputs, sensitivity=sensitivity, inplace=False)
+    dp.register_dkm(student, policy, init=seed)
+    student.train()
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    factor = ANNEAL ** (1.0 / steps)
+    gaps = []
+    for step in range(steps):
+        batch = sequences(data, 16, seed=5000 + step)
+        with torch.no_grad():
+            teacher = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        logits = student(input_ids=batch).logits.float()
+        loss = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
+                                          reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        dp.scale_temperature(student, factor)
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            with torch.no_grad():
+                soft = student(input_ids=batch, labels=batch).loss.item()
+                with dp.snapped(student):
+                    hard = student(input_ids=batch, labels=batch).loss.item()
+            gaps.append((step, soft, hard))
+    dp.finalize(student)
+    return student, gaps
 
 
 def grouped(bits: int, skip) -> dp.Policy:
