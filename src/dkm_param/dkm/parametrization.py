@@ -115,7 +115,7 @@ class DKMParametrization(nn.Module):
         of ``soft.summary``. More: the vectors themselves.
         """
         spec = self.spec
-        if weight.dtype in table.HALF_DTYPES and spec.dim == 1 and self.scale is None and self.zeros is None:
+        if self.by_value(weight):
             values = layout.grouped_vectors(weight.detach(), 1, spec.group_size, None, spec.layout)[group, :, 0]
             counts = table.value_counts(values)
             present = counts.nonzero()[:, 0]

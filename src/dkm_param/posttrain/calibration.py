@@ -228,12 +228,9 @@ def output_error(rows: Tensor, hessian: Tensor, chosen: Tensor, books: Tensor, g
     return float(((gap @ hessian) * gap).sum())
 
 
-def column_importance(hessian: Tensor, rows: int, order: Tensor | None) -> Tensor:
+def column_importance(hessian: Tensor, rows: int) -> Tensor:
     """Each weight's share of the calibration error when alone: ``H_cc`` for every row.  # (R, C)"""
-    diagonal = hessian.diagonal()
-    if order is not None:
-        diagonal = diagonal[order]
-    return diagonal[None, :].expand(rows, -1)
+    return hessian.diagonal()[None, :].expand(rows, -1)
 
 
 def rows_to_weight(rows: Tensor, weight: Tensor, module: nn.Module) -> Tensor:

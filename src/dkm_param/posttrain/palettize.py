@@ -145,7 +145,7 @@ def calibrated_layer(
     natural = calibration_module.as_rows(weight, module)  # (R, C)
     count = natural.shape[0]
     if importance is None:  # each value weighs the energy of the input it multiplies
-        energy = calibration_module.column_importance(hessian, count, None)
+        energy = calibration_module.column_importance(hessian, count)
         importance = calibration_module.rows_to_weight(energy, weight, module)
     start = cluster_weight(weight, spec, name, importance, optimal=optimal, codebook_dtype=codebook_dtype)
     rows = natural if order is None else natural[:, order]
@@ -167,7 +167,7 @@ def calibrated_layer(
     chosen = calibration_module.assign(rows, hessian, books, group_of, scale_of, pinned, damp)
     stored = start.codebook.dtype
     fitted = calibration_module.refit(
-        rows, chosen, books, group_of, scale_of, calibration_module.column_importance(hessian, count, None)
+        rows, chosen, books, group_of, scale_of, calibration_module.column_importance(hessian, count)
     ).to(stored).to(rows.dtype)
     if spec.preserve_zeros:
         fitted[:, 0] = 0
