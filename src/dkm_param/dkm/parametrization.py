@@ -117,9 +117,8 @@ class DKMParametrization(nn.Module):
         spec = self.spec
         if self.by_value(weight):
             values = layout.grouped_vectors(weight.detach(), 1, spec.group_size, None, spec.layout)[group, :, 0]
-            counts = table.value_counts(values)
-            present = counts.nonzero()[:, 0]
-            return table.value_table(weight.dtype, weight.device)[present, None], counts[present]
+            _, distinct, counts = table.distinct_values(weight.dtype, table.value_counts(values))
+            return distinct[:, None], counts
         if spec.dim == 1 and len(vectors):
             return soft.summary(vectors, soft.SETTLE_POINTS, spec.seed)
         return vectors, None

@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HALF_DTYPES", "TABLE_SIZE", "table_cluster", "value_codes", "value_counts", "value_table"]
+__all__ = [
+    "HALF_DTYPES", "TABLE_SIZE", "distinct_values", "table_cluster", "value_codes", "value_counts", "value_table",
+]
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # entries of a table over every 16-bit pattern
@@ -86,16 +88,22 @@ def table_cluster(
         if torch.is_grad_enabled() and values.requires_grad:
             return _TableCluster.apply(values, *args)
         with torch.no_grad():
-            present, points, weights = _distinct(values.dtype, args[1])
-            books = _iterate(points, weights, *args[:1], *args[2:])
-            soft = _soft(points, books[-2], books[-1], args[2])
-            return _lookup(values, _spread(soft, present), values.dtype), books[-1][:, None], len(books) - 1
+            soft, books, _, _ = _run(values, *args)
+            return soft, books[-1][:, None], len(books) - 1
 
 
-def _distinct(dtype: torch.dtype, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The bit patterns present, their values (U,) and their counts (U,)."""
+def distinct_values(dtype: torch.dtype, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From ``value_counts``: the bit patterns present, their values and their counts.  # (U,) each"""
     present = counts.nonzero()[:, 0]
     return present, value_table(dtype, counts.device)[present], counts[present]
+
+
+def _run(values: Tensor, codebook: Tensor, counts: Tensor, tau: float, max_iter: int, epsilon: float):
+    """The forward: ``(soft values (n,), codebooks [C_0 .. C_T] (k,) each, patterns present, their counts)``."""
+    present, points, weights = distinct_values(values.dtype, counts)
+    books = _iterate(points, weights, codebook, tau, max_iter, epsilon)
+    soft = _soft(points, books[-2], books[-1], tau)
+    return _lookup(values, _spread(soft, present), values.dtype), books, present, weights
 
 
 def _spread(table: Tensor, present: Tensor) -> Tensor:
@@ -165,14 +173,12 @@ class _TableCluster(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, codebook, counts, tau, max_iter, epsilon):
-        present, points, weights = _distinct(values.dtype, counts)
-        books = _iterate(points, weights, codebook, tau, max_iter, epsilon)
-        soft = _soft(points, books[-2], books[-1], tau)
+        soft, books, present, weights = _run(values, codebook, counts, tau, max_iter, epsilon)
         ctx.save_for_backward(values, present, weights, books[0])
         ctx.tau, ctx.iterations = tau, len(books) - 1
         final = books[-1][:, None]
         ctx.mark_non_differentiable(final)
-        return _lookup(values, _spread(soft, present), values.dtype), final, len(books) - 1
+        return soft, final, len(books) - 1
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):

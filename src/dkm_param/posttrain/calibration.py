@@ -14,13 +14,14 @@ together, their errors then pushed on one column at a time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import DKMError
 from ..ops.dtypes import compute_dtype
+from .sensitivity import run_batch
 
 # columns assigned between two updates of the remaining ones by one matmul
 _BLOCK = 128
@@ -34,16 +35,6 @@ def calibration_inputs(batches: Iterable[Any]) -> list[Any]:
     if not kept:
         raise DKMError("calibration needs at least one batch")
     return kept
-
-
-def run_batch(model: nn.Module, batch: Any) -> None:
-    """Run the model on a batch: a dict of keyword arguments, an ``(inputs, targets)`` pair, or inputs."""
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        model(batch[0])
-    else:
-        model(batch)
 
 
 def columns(module: nn.Module) -> int:
@@ -253,5 +244,4 @@ __all__ = [
     "output_error",
     "refit",
     "rows_to_weight",
-    "run_batch",
 ]

@@ -59,6 +59,18 @@ def fisher(
     return {name: total / count for name, total in totals.items()}
 
 
+def run_batch(model: nn.Module, batch: Any) -> tuple[Any, Tensor | None]:
+    """The model's output on a calibration batch, and the batch's targets (None without).
+
+    batch: a dict of keyword arguments, an ``(inputs, targets)`` pair, or inputs.
+    """
+    if isinstance(batch, Mapping):
+        return model(**batch), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return model(batch[0]), batch[1]
+    return model(batch), None
+
+
 def _check_loss(value: Any, index: int) -> None:
     """Raise DKMError unless ``value`` is a scalar tensor that backward can reach the weights from."""
     if isinstance(value, Tensor) and value.numel() == 1 and value.requires_grad:
@@ -74,11 +86,7 @@ def _check_loss(value: Any, index: int) -> None:
 
 def _batch_loss(model: nn.Module, batch: Any, loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
     """The loss of one batch from the model's output (see ``fisher``)."""
-    if isinstance(batch, Mapping):
-        targets, outputs = None, model(**batch)
-    else:
-        inputs, targets = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        outputs = model(inputs)
+    outputs, targets = run_batch(model, batch)
     if targets is None:
         own = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
         if isinstance(own, Tensor):
