@@ -142,34 +142,57 @@ class _Sorted:
         sse = self.s2[stop] - self.s2[start] - s * s / w.clamp_min(1e-300)
         return torch.where(w > 0, sse.clamp_min(0), torch.zeros_like(sse))
 
+    def step(self, centroids: Tensor, bounds: Tensor | None = None) -> Tensor:
+        """One Lloyd step from sorted ``centroids`` (whose ``bounds`` may be given):
+        each centroid moves to its cluster's mean, an empty one into the worst cluster.  # (k,) sorted"""
+        b = self.bounds(centroids) if bounds is None else bounds
+        w = self.s0[b[1:]] - self.s0[b[:-1]]
+        s = self.s1[b[1:]] - self.s1[b[:-1]]
+        new = torch.where(w > 0, s / w.clamp_min(1e-300), centroids)
+        if (w <= 0).any():  # move each empty centroid into the worst cluster
+            sse = self.cost(b[:-1], b[1:])
+            for j in torch.nonzero(w <= 0).flatten().tolist():
+                worst = int(sse.argmax())
+                lo, hi = int(b[worst]), int(b[worst + 1])
+                new[j] = self.x[(lo + hi) // 2] if hi - lo > 1 else new[j]
+                sse[worst] = 0
+        return torch.sort(new).values
+
+    def error(self, centroids: Tensor) -> tuple[float, Tensor]:
+        """The squared error of sorted ``centroids``, and their bounds."""
+        b = self.bounds(centroids)
+        return float(self.cost(b[:-1], b[1:]).sum()), b
+
     def lloyd(self, centroids: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, float]:
-        """Lloyd from ``centroids`` (k,), repairing empty clusters, until the
-        clusters stop changing or the squared error improves by less than ``tol``
-        (relative) in a step."""
+        """Lloyd from ``centroids`` (k,), repairing empty clusters, accelerated by
+        SQUAREM (Varadhan and Roland, 2008: two steps extrapolated along their
+        difference, then one more, kept only where it lowers the error), until
+        the clusters stop changing or the squared error improves by less than
+        ``tol`` (relative) in a cycle. ``max_iter`` bounds the Lloyd steps."""
         c = torch.sort(centroids.double()).values
-        b = self.bounds(c)
-        error = float("inf")
-        for _ in range(max_iter):
-            w = self.s0[b[1:]] - self.s0[b[:-1]]
-            s = self.s1[b[1:]] - self.s1[b[:-1]]
-            new = torch.where(w > 0, s / w.clamp_min(1e-300), c)
-            if (w <= 0).any():  # move each empty centroid into the worst cluster
-                sse = self.cost(b[:-1], b[1:])
-                for j in torch.nonzero(w <= 0).flatten().tolist():
-                    worst = int(sse.argmax())
-                    lo, hi = int(b[worst]), int(b[worst + 1])
-                    new[j] = self.x[(lo + hi) // 2] if hi - lo > 1 else new[j]
-                    sse[worst] = 0
-            c = torch.sort(new).values
-            moved = self.bounds(c)
-            if torch.equal(moved, b):  # same clusters: c is a fixed point
+        error, b = self.error(c)
+        steps = 0
+        while steps < max_iter:
+            c1 = self.step(c, b)
+            c2 = self.step(c1)
+            steps += 2
+            r, v = c1 - c, c2 - 2 * c1 + c
+            norm = float(v.norm())
+            if norm == 0:  # a fixed point, or moving by equal steps: plain Lloyd's c2
+                c = c2
                 break
-            b = moved
-            now = float(self.cost(b[:-1], b[1:]).sum())
-            if error - now <= tol * now:
+            alpha = min(-1.0, -float(r.norm()) / norm)  # -1: plain Lloyd's c2
+            trial = self.step(torch.sort(c - 2 * alpha * r + alpha * alpha * v).values)
+            steps += 1
+            now, moved = self.error(trial)
+            plain, plain_b = self.error(c2)
+            if plain < now:
+                trial, now, moved = c2, plain, plain_b
+            done = torch.equal(moved, b) or error - now <= tol * now
+            c, b, error = trial, moved, min(error, now)
+            if done:
                 break
-            error = now
-        return c, float(self.cost(b[:-1], b[1:]).sum())
+        return c, self.error(c)[0]
 
 
 def kmeans_1d(
