@@ -7,16 +7,27 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+try:  # numpy has no bfloat16 of its own: ml_dtypes registers one (pip install ml_dtypes)
+    import ml_dtypes  # noqa: F401
+except ImportError:
+    ml_dtypes = None
+
 
 def decode(path):
     """Return {name: numpy array}: every weight of the model, decoded."""
     with safe_open(path, "np") as f:
-        meta = f.metadata()
-    if meta.get("format") != "dkm-param" or meta.get("format_version") != "1":
-        raise ValueError(f"{path} is not a dkm-param version 1 file")
-    tensors = load_file(path)
+        meta = f.metadata() or {}
+    if meta.get("format") != "dkm-param" or meta.get("format_version") not in ("1", "2"):
+        raise ValueError(f"{path} is not a dkm-param file of format version 1 or 2")
+    layers = json.loads(meta["layers"])
+    try:
+        tensors = load_file(path)
+    except TypeError as exc:  # "data type 'bfloat16' not understood"
+        if ml_dtypes is None and "bfloat16" in str(exc):
+            raise SystemExit(f"{path} holds bfloat16 tensors, which numpy reads with ml_dtypes: pip install ml_dtypes")
+        raise
     weights = {}
-    for name, info in json.loads(meta["layers"]).items():
+    for name, info in layers.items():
         codebook = tensors.pop(name + ".codebook")  # (2**bits, dim) or (groups, 2**bits, dim)
         packed = tensors.pop(name + ".indices")  # uint8, bits packed LSB first
         bits, count = info["bits"], info["vectors"]
@@ -34,7 +45,10 @@ def decode(path):
         shape = info["shape"]
         if info.get("layout") == "input" and len(shape) > 2:  # vectors ran along the input channels
             vectors = np.moveaxis(vectors.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
-        weights[name] = vectors.astype(info["dtype"]).reshape(shape)
+        weight = np.ascontiguousarray(vectors.astype(info["dtype"]).reshape(shape))
+        if info.get("outliers", 0):  # the sparse part (version 2): exact values at flat positions
+            weight.reshape(-1)[tensors.pop(name + ".outlier_index")] = tensors.pop(name + ".outlier_value")
+        weights[name] = weight
     weights.update(tensors)
     for alias, target in json.loads(meta["aliases"]).items():
         weights[alias] = weights[target]
@@ -42,5 +56,7 @@ def decode(path):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python decode_numpy.py MODEL.safetensors  (prints each decoded weight's dtype and shape)")
     for name, array in decode(sys.argv[1]).items():
         print(name, array.dtype, array.shape)

@@ -1,4 +1,4 @@
-from dkm_param.tables import format_size, render_table
+from dkm_param.tables import format_size, natural_key, render_table
 
 
 def test_columns_are_padded_to_their_widest_cell_and_numbers_align_right():
@@ -25,3 +25,12 @@ def test_printable_escapes_what_a_terminal_would_act_on():
 
     assert printable("layer.0 é ü") == "layer.0 é ü"
     assert printable("a\x1b[2Jb\nc\u202ed\x07") == "a\\x1b[2Jb\\nc\\u202ed\\x07"
+
+
+def test_natural_key_orders_numbers_by_value_and_survives_hostile_names():
+    names = ["layers.11.w", "layers.2.w", "layers.2", "b", "10", "9", "x007", "x7", "²", "1" + "0" * 5000]
+    ordered = sorted(names, key=natural_key)
+    assert ordered.index("layers.2.w") < ordered.index("layers.11.w")
+    assert ordered.index("9") < ordered.index("10") < ordered.index("1" + "0" * 5000)
+    assert ordered.index("layers.2") < ordered.index("layers.2.w")
+    assert sorted(ordered, key=natural_key) == ordered  # a total order: stable under re-sorting

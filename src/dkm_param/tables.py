@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 
@@ -46,3 +47,10 @@ def printable(text: str) -> str:
     """``text`` with every character a terminal would act on (escapes, newlines, bidi controls) written as
     its Python escape, so that names and metadata from a file cannot drive the terminal or forge lines."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers in names by value: ``layers.2`` before ``layers.11``."""
+    # numbers compare by length and then digits (no int(): a hostile name's may be thousands of digits long)
+    parts = re.split(r"([0-9]+)", name)  # odd places hold the runs of ASCII digits
+    return tuple((len(p.lstrip("0")), p.lstrip("0"), p) if i % 2 else p for i, p in enumerate(parts))

@@ -71,7 +71,7 @@ def test_inspect_lists_format_layers_plain_tensors_and_totals(capsys, dkm_file):
 def test_inspect_json_holds_the_same_facts(capsys, dkm_file):
     status, out, _ = run(capsys, "inspect", dkm_file, "--json")
     facts = json.loads(out)
-    assert status == 0 and facts["format"] == "dkm-param" and facts["format_version"] == "1"
+    assert status == 0 and facts["format"] == "dkm-param" and facts["format_version"] == "2"
     conv = next(layer for layer in facts["layers"] if layer["name"] == "conv.weight")
     assert conv["bits"] == 2 and conv["dim"] == 3 and conv["group_size"] == 4 and conv["channel_scale"]
     assert conv["codebook"] == [2, 4, 3] and conv["shape"] == [8, 4, 3, 3]

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -80,11 +81,11 @@ def test_file_layout_is_documented_safetensors(tmp_path):
     path = compressed.save(tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        assert meta["format"] == "dkm-param" and meta["format_version"] == "1"
+        assert meta["format"] == "dkm-param" and meta["format_version"] == "2"
         layers = json.loads(meta["layers"])
         assert layers["3.weight"] == {
             "shape": [32, 16, 3, 3], "dtype": "float32", "bits": 3, "dim": 1, "vectors": 4608, "packing": "lsb",
-            "group_size": None, "channel_scale": False, "preserve_zeros": False, "layout": "flat",
+            "group_size": None, "channel_scale": False, "preserve_zeros": False, "layout": "flat", "outliers": 0,
         }
         assert f.get_tensor("3.weight.indices").shape == (4608 * 3 // 8,)
         assert f.get_tensor("3.weight.codebook").shape == (8, 1)
@@ -347,3 +348,18 @@ def test_a_directory_or_a_pipe_is_not_replaced(tmp_path):
         model.save(tmp_path / "fifo")
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "fifo"]
+
+
+def test_summary_of_a_language_model_fits_a_terminal_and_reads_in_model_order(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=12, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    compressed = dp.palettize(model, dp.Policy(default=dp.LayerSpec(bits=4), small_layer_bits=None), inplace=False)
+    lines = str(compressed.summary()).splitlines()
+    assert max(map(len, lines)) <= 110
+    group = next(line for line in lines if line.startswith("(25 weights"))
+    assert re.match(r"\(25 weights, 800 values\)\s+-\s", group)  # nothing in the shape column
+    assert any(line.startswith("[") and "skipped: LayerNorm weights are not clustered" in line for line in lines)
+    read = dp.read_compressed(compressed.save(tmp_path / "m.safetensors"))
+    names = [name for name in read.layers if name.startswith("transformer.h.") and name.endswith("c_fc.weight")]
+    assert names == [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(12)]  # 2 before 11, as the model has them

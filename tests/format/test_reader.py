@@ -48,8 +48,9 @@ POLICY = dp.Policy(
 @pytest.fixture(scope="module")
 def valid_file(tmp_path_factory):
     model = model_factory()
-    compressed = dp.palettize(model, POLICY)
+    compressed = dp.palettize(model, POLICY, outliers=0.05)
     assert compressed.aliases == {"c.weight": "b.weight"}
+    assert all(layer.outliers for layer in compressed.layers.values())
     return compressed.save(tmp_path_factory.mktemp("valid") / "m.safetensors").read_bytes()
 
 
@@ -153,7 +154,7 @@ def test_metadata_mutations_are_validated_before_allocation(valid_file, tmp_path
     elif target == "format":
         meta["format"] = data.draw(st.text(max_size=12))
     elif target == "version":
-        meta["format_version"] = data.draw(st.sampled_from(["0", "2", "99", "", "1.0"]))
+        meta["format_version"] = data.draw(st.sampled_from(["0", "3", "99", "", "1.0", "2.0"]))
     elif target == "layers json":
         meta["layers"] = data.draw(st.sampled_from(["[]", "{", "null", '{"a.weight": 3}', "{}"]))
     elif target == "aliases":
@@ -241,10 +242,13 @@ def test_tensor_value_mutations_load_consistently_or_raise_dkm_error(valid_file,
     folder = tmp_path_factory.mktemp("values")
     tensors, meta = unpack_file(valid_file, folder)
     name = data.draw(st.sampled_from(["a.weight.codebook", "b.weight.codebook", "b.weight.scale", "d.weight.codebook",
-                                      "a.weight.indices", "d.weight.indices"]))
+                                      "a.weight.indices", "d.weight.indices", "a.weight.outlier_index",
+                                      "d.weight.outlier_index", "a.weight.outlier_value", "d.weight.outlier_value"]))
     tensor = tensors[name].clone()
     if tensor.dtype == torch.uint8:
         tensor[data.draw(st.integers(0, tensor.numel() - 1))] = data.draw(st.integers(0, 255))
+    elif not tensor.is_floating_point():  # outlier positions
+        tensor[data.draw(st.integers(0, tensor.numel() - 1))] = data.draw(st.integers(-(2**31), 2**31 - 1))
     else:
         value = data.draw(st.sampled_from([1e4, 7e4, 1e10, 1e30, 3e38, -3e38, float("inf"), float("nan"), 0.0]))
         if data.draw(st.booleans()):

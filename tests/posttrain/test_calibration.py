@@ -110,7 +110,7 @@ def test_with_uncorrelated_inputs_assignment_is_nearest_centroid(seed, d, groups
     books = torch.randn(groups, 4, d, generator=gen, dtype=torch.float64)
     group_of_row = torch.arange(6) // (6 // groups)
     hessian = torch.diag(torch.rand(8, generator=gen, dtype=torch.float64) + 0.5)
-    chosen = calibration.assign(rows, hessian, books, group_of_row[:, None].expand(6, 8 // d), None, None, 0.0)
+    chosen, _ = calibration.assign(rows, hessian, books, group_of_row[:, None].expand(6, 8 // d), None, None, 0.0)
     vectors = rows.reshape(6, -1, d)
     distances = (vectors[:, :, None, :] - books[group_of_row][:, None]).pow(2).sum(-1)  # (6, C/d, k)
     assert torch.equal(chosen, distances.argmin(-1))

@@ -33,6 +33,7 @@ def facts(path: Path, compressed: CompressedModel) -> dict[str, Any]:
             "channel_scale": spec.channel_scale,
             "preserve_zeros": spec.preserve_zeros,
             "layout": spec.layout,
+            "outliers": layer.outliers,
             "params": rows[name].params,
             "bits_per_weight": round(rows[name].bits_per_weight, 4),
             "bytes_before": rows[name].bytes_before,
@@ -84,6 +85,8 @@ def facts_text(facts: dict[str, Any]) -> str:
             notes.append("scale per channel")
         if layer["layout"] != "flat":
             notes.append(f"layout {layer['layout']}")
+        if layer["outliers"]:
+            notes.append(f"{layer['outliers']:,} kept exact")
         if layer["shared_with"]:
             notes.append(f"shared with {', '.join(map(printable, layer['shared_with']))}")
         table.append((

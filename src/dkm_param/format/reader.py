@@ -17,9 +17,10 @@ from ..errors import FormatError, SpecError
 from ..ops import layout, packing
 from ..ops.dtypes import DTYPES
 from ..spec import LAYOUTS, MAX_BITS, StorageSpec
+from ..tables import natural_key
 from .layer import CompressedLayer
 from .model import CompressedModel
-from .writer import FORMAT_NAME, FORMAT_VERSION
+from .writer import FORMAT_NAME, READABLE_VERSIONS
 
 # safetensors refuses larger headers; so do we, before it reads one.
 MAX_HEADER_BYTES = 100_000_000
@@ -35,7 +36,8 @@ _ALIASES_BASE = 1 << 20
 # ... and at most this many JSON objects and arrays, plus two per tensor
 _CONTAINERS_BASE = 64
 _LAYER_KEYS = ("shape", "dtype", "bits", "dim", "vectors", "packing", "group_size", "channel_scale",
-               "preserve_zeros", "layout")
+               "preserve_zeros", "layout", "outliers")
+_PARTS = ("codebook", "indices", "scale", "outlier_index", "outlier_value")
 _REQUIRED = ("shape", "dtype", "bits", "dim", "vectors")
 _MAX_DIMS = 16
 _MAX_COUNT = 1 << 62
@@ -69,10 +71,10 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
         if meta.get("format") != FORMAT_NAME:
             raise FormatError(f"{path}: format is {_short(meta.get('format'))}, expected {FORMAT_NAME!r}")
         version = meta.get("format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in [str(v) for v in READABLE_VERSIONS]:
             raise FormatError(
-                f"{path}: format version {_short(version)} is not supported (this dkm_param reads {FORMAT_VERSION}); "
-                "upgrade dkm_param to read newer files"
+                f"{path}: format version {_short(version)} is not supported (this dkm_param reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade dkm_param to read newer files"
             )
         # descriptions take a few hundred bytes and two JSON containers a layer, aliases one container in
         # all; bounds checked on the text, so that the parse cannot swamp memory
@@ -81,20 +83,34 @@ def read_compressed(path: str | os.PathLike) -> CompressedModel:
         # aliases name the model's state_dict entries that share a stored tensor: a megabyte of
         # names is already far more than any model has
         aliases = _json_object(path, meta, "aliases", _ALIASES_BASE + _METADATA_PER_TENSOR * len(keys), containers)
-        layers = {name: _read_layer(path, f, keys, name, info) for name, info in layers_meta.items()}
-        plain = keys - {f"{n}.{part}" for n in layers for part in ("codebook", "indices", "scale")}
+        layers = {  # in natural order: layers.2 before layers.11
+            name: _read_layer(path, f, keys, name, layers_meta[name], int(version))
+            for name in sorted(layers_meta, key=natural_key)
+        }
+        plain = keys - {f"{n}.{part}" for n in layers for part in _PARTS}
         _check_names(path, layers, plain, aliases)
-        tensors = {k: _tensor(path, f, k) for k in sorted(plain)}
+        tensors = {k: _tensor(path, f, k) for k in sorted(plain, key=natural_key)}
     return CompressedModel(layers=layers, tensors=tensors, aliases=aliases)
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load_compressed(path: str | os.PathLike, model: nn.Module, keep_compressed: bool = False) -> nn.Module:
     """Load a dkm-param file into ``model`` in place: its weights become the snapped weights, bit for bit.
 
     The file is checked whole, and against the model's names, shapes and
     dtypes, before anything is decoded; layers are then decoded one at a time.
+    keep_compressed: keep each clustered weight as its codebook and packed
+        indices instead (a ``CompressedWeight`` parametrization, the model's
+        full-size weight released) and decode it each time it is used: the
+        model then takes about the file's size in memory, plus the largest
+        decoded weight while it runs, and gives the same outputs.
+    Returns ``model``. Raises RegistrationError for a model that does not fit.
     """
-    return read_compressed(path).load_into(model)
+    compressed = read_compressed(path)
+    if keep_compressed:
+        from ..deploy.inmemory import register_compressed  # deploy code only when asked for
+
+        return register_compressed(model, compressed)
+    return compressed.load_into(model)
 
 
 def _check_header(path: Path) -> int:
@@ -177,13 +193,16 @@ def _check_names(path: Path, layers: dict, plain: set[str], aliases: dict) -> No
             raise FormatError(f"{path}: alias {_short(alias)} points at {_short(target)}, which the file does not hold")
 
 
-def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> CompressedLayer:
+def _read_layer(path: Path, f, keys: set[str], name: str, info: Any, version: int) -> CompressedLayer:
     where = f"{path}: layer {_short(name)}"
     if not isinstance(info, dict):
         raise FormatError(f"{where}: description must be a JSON object, got {type(info).__name__}")
-    unknown = sorted(set(info) - set(_LAYER_KEYS))
+    known = _LAYER_KEYS if version >= 2 else _LAYER_KEYS[:-1]  # version 1 has no outliers
+    unknown = sorted(set(info) - set(known))
     if unknown:
-        raise FormatError(f"{where}: unknown key(s) {_short(unknown)}; this dkm_param knows {', '.join(_LAYER_KEYS)}")
+        raise FormatError(
+            f"{where}: unknown key(s) {_short(unknown)}; format version {version} knows {', '.join(known)}"
+        )
     missing = [key for key in _REQUIRED if key not in info]
     if missing:
         raise FormatError(f"{where}: description lacks {', '.join(missing)}")
@@ -256,6 +275,16 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> Compress
         )
     if has_scale and _shape(path, f, f"{name}.scale") != (rows,):
         raise FormatError(f"{where}: scale must have shape ({rows},)")
+    outliers = _int(where, "outliers", info.get("outliers", 0), 0, numel)
+    sparse = [f"{name}.{part}" for part in ("outlier_index", "outlier_value")]
+    for part in sparse:
+        there = part in keys
+        if there != bool(outliers):
+            raise FormatError(
+                f"{where}: outliers is {outliers} but tensor {_short(part)} is {'there' if there else 'missing'}"
+            )
+        if there and _shape(path, f, part) != (outliers,):
+            raise FormatError(f"{where}: tensor {_short(part)} must have shape ({outliers},), as outliers says")
     packed = _tensor(path, f, f"{name}.indices")
     if packed.dtype != torch.uint8:
         raise FormatError(f"{where}: packed indices must be uint8, got {packed.dtype}")
@@ -266,10 +295,14 @@ def _read_layer(path: Path, f, keys: set[str], name: str, info: Any) -> Compress
         codebook=_tensor(path, f, f"{name}.codebook"),
         indices=packing.unpack(packed, bits, vectors),
         scale=_tensor(path, f, f"{name}.scale") if has_scale else None,
+        outlier_index=_tensor(path, f, sparse[0]) if outliers else None,
+        outlier_value=_tensor(path, f, sparse[1]) if outliers else None,
     )
     problem = layer.problem()  # what the tensors hold: finite values, indices in range, no overflow
     if problem:
         raise FormatError(f"{where}: {problem}")
+    if outliers:
+        layer.outlier_index = layer.outlier_index.long()
     return layer
 
 

@@ -23,11 +23,16 @@ class SummaryRow:
     bytes_before: int
     bytes_after: int
     note: str = ""
+    outliers: int = 0  # weights kept exact in the sparse part
 
     @property
     def bits_per_weight(self) -> float:
         """Bits per weight in the file, codebook included."""
         return 8 * self.bytes_after / self.params if self.params else 0.0
+
+
+# notes longer than this go under the table, so that it fits a terminal
+_NOTE_WIDTH = 24
 
 
 @dataclass(frozen=True)
@@ -56,29 +61,36 @@ class Summary:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
 
     def __str__(self) -> str:
-        rows = [
-            (
+        footnotes: dict[str, str] = {}  # long notes, each told once under the table
+
+        def short(note: str) -> str:
+            if len(note) <= _NOTE_WIDTH:
+                return note
+            return footnotes.setdefault(note, f"[{len(footnotes) + 1}]")
+
+        rows = []
+        for r in self.rows:
+            notes = [f"{r.outliers:,} kept exact"] if r.outliers else []
+            notes += [r.note] if r.note else []
+            rows.append((
                 r.name,
                 "x".join(map(str, r.shape)),
-                str(r.bits) if r.bits else "-",
-                str(r.dim) if r.dim else "-",
+                f"{r.bits}/{r.dim}" if r.bits else "-",
                 f"{r.bits_per_weight:.2f}",
-                f"{r.params:,}",
                 format_size(r.bytes_before),
                 format_size(r.bytes_after),
-                r.note,
-            )
-            for r in self.rows
-        ]
+                short("; ".join(notes)),
+            ))
         other = format_size(self.other_bytes)
-        rows.append((f"other tensors ({self.other_tensors})", "", "", "", "", "", other, other, "stored as they are"))
+        rows.append((f"other tensors ({self.other_tensors})", "", "", "", other, other, "kept as they are"))
         clustered = len([r for r in self.rows if r.bits])
         total = (
             f"total: {format_size(self.bytes_before)} -> {format_size(self.bytes_after)}, "
             f"compression {self.ratio:.2f}x ({clustered} layers clustered)"
         )
-        header = ("layer", "shape", "bits", "dim", "bits/w", "params", "before", "after", "note")
-        return render_table(header, rows, right={4, 5, 6, 7}, footer=[total], rule_below=True)
+        notes = [f"{mark} {note}" for note, mark in footnotes.items()]
+        header = ("layer", "shape", "bits/dim", "bits/w", "before", "after", "note")
+        return render_table(header, rows, right={3, 4, 5}, footer=[*notes, total], rule_below=True)
 
 
 def summarize(model: CompressedModel) -> Summary:
@@ -94,6 +106,7 @@ def summarize(model: CompressedModel) -> Summary:
             bytes_before=layer.numel * itemsize(layer.dtype),
             bytes_after=layer.nbytes,
             note=_tied_note(model, name),
+            outliers=layer.outliers,
         ))
     skipped_weights = set()
     groups: dict[str, list] = {}  # modules that are no clustering target, by reason
@@ -113,9 +126,8 @@ def summarize(model: CompressedModel) -> Summary:
     for reason, tensors in groups.items():
         numel = sum(t.numel() for t in tensors)
         size = sum(t.numel() * t.element_size() for t in tensors)
-        rows.append(
-            SummaryRow(f"({len(tensors)} weights)", (numel,), None, None, numel, size, size, f"skipped: {reason}")
-        )
+        name = f"({len(tensors)} weights, {numel:,} values)"
+        rows.append(SummaryRow(name, (), None, None, numel, size, size, f"skipped: {reason}"))
     others = [t for k, t in model.tensors.items() if k not in skipped_weights]
     other_bytes = sum(t.numel() * t.element_size() for t in others)
     return Summary(rows=tuple(rows), other_tensors=len(others), other_bytes=other_bytes)

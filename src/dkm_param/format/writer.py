@@ -17,13 +17,15 @@ from torch import Tensor
 from ..errors import FormatError
 from ..ops import packing
 from ..ops.dtypes import dtype_name
-from .layer import CompressedLayer
+from .layer import CompressedLayer, outlier_index_dtype
 
 if TYPE_CHECKING:
     from .model import CompressedModel
 
 FORMAT_NAME = "dkm-param"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# the versions this dkm_param reads: 1 has no sparse outlier part
+READABLE_VERSIONS = (1, 2)
 
 # safetensors' names of the dtypes a file can hold
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -58,12 +60,13 @@ def layer_description(layer: CompressedLayer) -> dict:
         "dtype": dtype_name(layer.dtype),
         "bits": spec.bits,
         "dim": spec.dim,
-        "vectors": layer.indices.numel(),
+        "vectors": layer.vectors,
         "packing": "lsb",
         "group_size": spec.group_size,
         "channel_scale": spec.channel_scale,
         "preserve_zeros": spec.preserve_zeros,
         "layout": spec.layout,
+        "outliers": layer.outliers,
     }
 
 
@@ -151,10 +154,15 @@ def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.d
 
     for name, layer in model.layers.items():
         add(f"{name}.codebook", layer.codebook.shape, layer.codebook.dtype, lambda t=layer.codebook: t)
-        size = packing.packed_size(layer.indices.numel(), layer.spec.bits)
-        add(f"{name}.indices", (size,), torch.uint8, lambda layer=layer: packing.pack(layer.indices, layer.spec.bits))
+        size = packing.packed_size(layer.vectors, layer.spec.bits)
+        add(f"{name}.indices", (size,), torch.uint8, lambda layer=layer: layer.packed)
         if layer.scale is not None:
             add(f"{name}.scale", layer.scale.shape, layer.scale.dtype, lambda t=layer.scale: t)
+        if layer.outliers:
+            index_dtype = outlier_index_dtype(layer.numel)
+            add(f"{name}.outlier_index", (layer.outliers,), index_dtype,
+                lambda t=layer.outlier_index, d=index_dtype: t.to(d))
+            add(f"{name}.outlier_value", (layer.outliers,), layer.dtype, lambda t=layer.outlier_value: t)
     for name, tensor in model.tensors.items():
         add(name, tensor.shape, tensor.dtype, lambda t=tensor: t)
     taken = set(model.layers) | set(model.tensors)

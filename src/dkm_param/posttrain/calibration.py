@@ -132,18 +132,22 @@ def layout_order(weight: Tensor, module: nn.Module, spec_layout: str) -> Tensor 
 
 def assign(
     rows: Tensor, hessian: Tensor, books: Tensor, group_of: Tensor, scale_of: Tensor | None,
-    pinned: Tensor | None, damp: float,
-) -> Tensor:
+    pinned: Tensor | None, damp: float, exact: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """GPTQ assignment of ``rows`` to the lookup tables, column block by column block.
 
     rows: (R, C) float; hessian: (C, C); books: (G, k, d) centroids per group;
     group_of: (R, C / d) long, each vector's group (an expanded view will do);
     scale_of: (R, C) each value's scale, or None; pinned: (R, C / d) bool,
     vectors that take entry 0 (zero) whatever their value, or None; damp: added
-    to the Hessian's diagonal, as a fraction of its mean.
-    Returns the index of each vector.  # (R, C / d) long
+    to the Hessian's diagonal, as a fraction of its mean; exact: (R, C) bool,
+    values kept exact (outliers), or None: each keeps the value error feedback
+    has given it when its column comes, so it adds no error of its own.
+    Returns the index of each vector (R, C / d) long, and the values the
+    ``exact`` positions keep (R, C), zero elsewhere (None without ``exact``).
     """
     rows = rows.clone()
+    kept = None if exact is None else torch.zeros_like(rows)
     (count, width), d = rows.shape, books.shape[2]
     hessian = hessian.clone()
     dead = hessian.diagonal() == 0  # inputs always zero: their columns change nothing
@@ -167,11 +171,15 @@ def assign(
             taken = grid[every, index]  # (R, d)
             for j in range(d):
                 column = first + j
-                error = (block[:, column] - taken[:, j]) / factor[column, column]
+                value = taken[:, j]
+                if kept is not None:
+                    value = torch.where(exact[:, start + column], block[:, column], value)
+                    kept[:, start + column] = torch.where(exact[:, start + column], value, 0)
+                error = (block[:, column] - value) / factor[column, column]
                 block[:, column:] -= error[:, None] * factor[column, column:][None, :]
                 errors[:, column] = error
         rows[:, stop:] -= errors @ upper[start:stop, stop:]
-    return chosen
+    return chosen, kept
 
 
 def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
@@ -210,11 +218,14 @@ def refit(rows: Tensor, chosen: Tensor, books: Tensor, group_of: Tensor, scale_o
 
 
 def output_error(rows: Tensor, hessian: Tensor, chosen: Tensor, books: Tensor, group_of: Tensor,
-                 scale_of: Tensor | None) -> float:
-    """The calibration error ``tr((W - Q) H (W - Q)^T)`` of an assignment to these tables."""
+                 scale_of: Tensor | None, exact: Tensor | None = None, kept: Tensor | None = None) -> float:
+    """The calibration error ``tr((W - Q) H (W - Q)^T)`` of an assignment to these tables
+    (``Q`` takes ``kept`` where ``exact`` holds)."""
     taken = books[group_of, chosen].reshape(rows.shape)  # (R, C)
     if scale_of is not None:
         taken = taken * scale_of
+    if exact is not None:
+        taken = torch.where(exact, kept, taken)
     gap = rows - taken
     return float(((gap @ hessian) * gap).sum())
 

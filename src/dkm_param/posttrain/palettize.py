@@ -31,6 +31,8 @@ def palettize(
     inplace: bool = True,
     calibration: Iterable[Any] | None = None,
     damp: float = 0.01,
+    outliers: float = 0.0,
+    outlier_by: str = "magnitude",
 ) -> CompressedModel:
     """Cluster every weight ``policy`` selects with k-means, in seconds.
 
@@ -56,6 +58,13 @@ def palettize(
         collected a few layers at a time (at most 1 GiB of them), running
         the batches once per group of layers.
     damp: added to the diagonal of ``H``, as a fraction of its mean (GPTQ's 1%).
+    outliers: the fraction of each layer's weights kept exact in a sparse part
+        of the file (dense-and-sparse, as SqueezeLLM; e.g. 0.005), left out of
+        its k-means; with calibration each keeps the value error feedback
+        gave it, so the columns after it still compensate the others.
+    outlier_by: which weights: ``"magnitude"`` (largest ``|w|``, per row
+        scale where the spec has one) or ``"sensitivity"`` (largest value of
+        ``sensitivity``, which must then be given for every layer).
     Raises RegistrationError for a model with DKM registered, DKMError for a
     layer calibration cannot read.
     """
@@ -70,6 +79,7 @@ def palettize(
     rows = plan.clustered()
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise DKMError(f"damp must be a finite number >= 0 (a fraction of the statistics' mean diagonal), got {damp!r}")
+    _check_outliers(outliers, outlier_by, sensitivity, rows)
     passes = _statistics_passes(model, rows, calibration)
     batches = None if calibration is None else calibration_inputs(calibration)
     starts = {id(group[0]): group for group in passes if group}  # rows where a pass of statistics begins
@@ -80,13 +90,17 @@ def palettize(
         module = model.get_submodule(row.name)
         weight = weight_of(module).detach()
         importance = None if sensitivity is None else sensitivity.get(row.name)
+        exact = outlier_mask(
+            weight, outliers, row.spec, importance if outlier_by == "sensitivity" else None, row.name
+        )
         if batches is None:
             layer = cluster_weight(
-                weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype
+                weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype, outliers=exact
             )
         else:
             layer = calibrated_layer(
-                weight, module, row.spec, stats.pop(row.name), row.name, importance, optimal, codebook_dtype, damp
+                weight, module, row.spec, stats.pop(row.name), row.name, importance, optimal, codebook_dtype, damp,
+                exact,
             )
         layers[weight_key(row.name)] = layer
         for follower in row.followers:
@@ -96,6 +110,47 @@ def palettize(
             for row in rows:
                 weight_of(model.get_submodule(row.name)).copy_(layers[weight_key(row.name)].weight())
     return assemble(model.state_dict(), layers, aliases, plan.skipped())
+
+
+def _check_outliers(fraction: Any, by: Any, sensitivity: Mapping[str, Tensor] | None, rows: list) -> None:
+    """Raise DKMError, before any work, for an outlier fraction or choice palettize cannot follow."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DKMError(
+            f"outliers must be a fraction of each layer's weights in [0, 1) (e.g. 0.005), got {fraction!r}"
+        )
+    if by not in ("magnitude", "sensitivity"):
+        raise DKMError(f"outlier_by must be 'magnitude' or 'sensitivity', got {by!r}")
+    if by == "sensitivity" and fraction:
+        missing = [row.name for row in rows if sensitivity is None or row.name not in sensitivity]
+        if missing:
+            raise DKMError(
+                f"outlier_by='sensitivity' needs the sensitivity of layer '{missing[0]}' ({len(missing)} layer(s) "
+                "lack one); pass sensitivity=dp.fisher(...) for every clustered layer, or outlier_by='magnitude'"
+            )
+
+
+def outlier_mask(
+    weight: Tensor, fraction: float, spec: LayerSpec | StorageSpec, importance: Tensor | None = None, name: str = ""
+) -> Tensor | None:
+    """The ``fraction`` of ``weight``'s values to keep exact, as a bool mask of its shape (None: none).
+
+    By largest ``importance`` when given, else by largest magnitude (divided by
+    the row's largest magnitude where ``spec.channel_scale``).
+    """
+    count = int(fraction * weight.numel())
+    if count == 0:
+        return None
+    if importance is not None:
+        _check_importance(name, importance, weight)
+        score = importance.detach().to(weight.device, compute_dtype(weight.dtype)).reshape(-1)
+    else:
+        score = weight.detach().to(compute_dtype(weight.dtype)).abs()
+        if spec.channel_scale:
+            score = score.reshape(layout.rows(tuple(weight.shape)), -1) / layout.channel_scale(score)[:, None]
+        score = score.reshape(-1)
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    mask[score.topk(count, sorted=False).indices] = True
+    return mask.reshape(weight.shape)
 
 
 # input statistics held at once while calibrating
@@ -133,9 +188,10 @@ def _statistics_passes(model: nn.Module, rows: list, calibration) -> list[list]:
 
 def calibrated_layer(
     weight: Tensor, module: nn.Module, spec: LayerSpec, hessian: Tensor, name: str, importance: Tensor | None,
-    optimal: bool, codebook_dtype: torch.dtype | None, damp: float,
+    optimal: bool, codebook_dtype: torch.dtype | None, damp: float, outliers: Tensor | None = None,
 ) -> CompressedLayer:
-    """One layer palettized with its input statistics ``hessian`` (see ``palettize``)."""
+    """One layer palettized with its input statistics ``hessian`` (see ``palettize``);
+    ``outliers``: a bool mask of the weight's shape, values kept exact."""
     if not torch.isfinite(hessian).all():
         raise DKMError(
             f"layer '{name}': its calibration inputs hold NaN or Inf (or overflow {hessian.dtype} when squared); "
@@ -147,8 +203,14 @@ def calibrated_layer(
     if importance is None:  # each value weighs the energy of the input it multiplies
         energy = calibration_module.column_importance(hessian, count)
         importance = calibration_module.rows_to_weight(energy, weight, module)
-    start = cluster_weight(weight, spec, name, importance, optimal=optimal, codebook_dtype=codebook_dtype)
+    start = cluster_weight(
+        weight, spec, name, importance, optimal=optimal, codebook_dtype=codebook_dtype, outliers=outliers
+    )
     rows = natural if order is None else natural[:, order]
+    exact = None
+    if outliers is not None:
+        exact = calibration_module.as_rows(outliers, module).bool()
+        exact = exact if order is None else exact[:, order]
     if order is not None:
         hessian = hessian[order][:, order]
     groups = layout.groups(tuple(weight.shape), spec.group_size)
@@ -164,16 +226,17 @@ def calibrated_layer(
         group_of = group[:, None].expand(count, width // spec.dim)
         scale_of = None if scale is None else scale[:, None].expand(count, width)
     pinned = (rows.reshape(count, -1, spec.dim) == 0).all(-1) if spec.preserve_zeros else None
-    chosen = calibration_module.assign(rows, hessian, books, group_of, scale_of, pinned, damp)
+    chosen, kept = calibration_module.assign(rows, hessian, books, group_of, scale_of, pinned, damp, exact)
     stored = start.codebook.dtype
-    fitted = calibration_module.refit(
-        rows, chosen, books, group_of, scale_of, calibration_module.column_importance(hessian, count)
-    ).to(stored).to(rows.dtype)
+    importance = calibration_module.column_importance(hessian, count)
+    if exact is not None:  # outliers keep their own values: they say nothing of the centroids
+        importance = torch.where(exact, 0, importance)
+    fitted = calibration_module.refit(rows, chosen, books, group_of, scale_of, importance).to(stored).to(rows.dtype)
     if spec.preserve_zeros:
         fitted[:, 0] = 0
     error = calibration_module.output_error
-    if error(rows, hessian, chosen, fitted, group_of, scale_of) < error(
-        rows, hessian, chosen, books, group_of, scale_of
+    if error(rows, hessian, chosen, fitted, group_of, scale_of, exact, kept) < error(
+        rows, hessian, chosen, books, group_of, scale_of, exact, kept
     ):
         books = fitted
     if calibration_module.is_transposed(module):  # indices in the stored (in, out) order
@@ -185,6 +248,8 @@ def calibrated_layer(
         codebook=(books[0] if groups == 1 and spec.group_size is None else books).to(stored).cpu(),
         indices=chosen.reshape(-1).to(torch.uint8).cpu(),  # vectors in the layout's order
         scale=start.scale,
+        **sparse_part(_weight_order(kept, order, weight, module).to(weight.dtype) if kept is not None else weight,
+                      outliers),
     )
     problem = layer.problem()
     if problem:
@@ -199,24 +264,32 @@ def cluster_weight(
     importance: Tensor | None = None,
     optimal: bool = False,
     codebook_dtype: torch.dtype | None = None,
+    outliers: Tensor | None = None,
 ) -> CompressedLayer:
     """k-means of one weight into a CompressedLayer (codebook, indices).
 
     spec: a LayerSpec (its ``seed`` seeds k-means) or a StorageSpec (seed 0).
+    outliers: a bool mask of the weight's shape: values kept exact in the
+    layer's sparse part, left out of the k-means (and of the channel scale);
+    their vectors take the entry nearest them clamped to the other values' range.
     """
     seed = getattr(spec, "seed", 0)
     if not torch.isfinite(weight).all():
         raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
     work = weight.to(compute_dtype(weight.dtype))
+    excluded = None
+    if outliers is not None:
+        inliers = work[~outliers]
+        if inliers.numel():
+            work = torch.where(outliers, work.clamp(inliers.min(), inliers.max()), work)
+        grouped = layout.grouped_vectors(outliers.to(torch.uint8), spec.dim, spec.group_size, layout=spec.layout)
+        excluded = grouped.amax(2) > 0  # (G, n): vectors holding an outlier
+        del inliers, grouped
     scale = layout.channel_scale(work) if spec.channel_scale else None
     groups = layout.grouped_vectors(work, spec.dim, spec.group_size, scale, spec.layout)  # (G, n, d)
     masses = None
     if importance is not None:
-        if importance.shape != weight.shape:
-            raise DKMError(
-                f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
-                "pass one value per weight"
-            )
+        _check_importance(name, importance, weight)
         masses = layout.grouped_vectors(
             importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout
         ).sum(2)
@@ -228,8 +301,9 @@ def cluster_weight(
     pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
     for g, vectors in enumerate(groups):
         zeros = (vectors == 0).all(1) if spec.preserve_zeros else torch.zeros(len(vectors), dtype=torch.bool)
-        live = vectors[~zeros]
-        mass = None if masses is None else masses[g][~zeros]
+        fitted = ~zeros if excluded is None else ~(zeros.to(excluded.device) | excluded[g])
+        live = vectors[fitted]
+        mass = None if masses is None else masses[g][fitted]
         if mass is not None and mass.sum() <= 0:
             mass = None  # the loss ignores this group: cluster plainly
         free = spec.clusters - pinned
@@ -256,8 +330,32 @@ def cluster_weight(
         codebook=codebook.to(stored).cpu(),
         indices=torch.cat(indices).to(torch.uint8).cpu(),
         scale=None if scale is None else scale.cpu(),
+        **sparse_part(weight, outliers),
     )
     problem = layer.problem()  # e.g. a codebook that overflows the dtype it is stored in
     if problem:
         raise DKMError(f"layer '{name}': {problem}; store the codebook in a wider dtype (codebook_dtype)")
     return layer
+
+
+def _weight_order(rows: Tensor, order: Tensor | None, weight: Tensor, module: nn.Module) -> Tensor:
+    """A tensor of ``W``'s rows with columns in layout ``order``, back in the weight's shape."""
+    if order is not None:
+        rows = rows[:, torch.argsort(order)]
+    return calibration_module.rows_to_weight(rows, weight, module)
+
+
+def sparse_part(values: Tensor, mask: Tensor | None) -> dict[str, Tensor | None]:
+    """A CompressedLayer's ``outlier_index`` and ``outlier_value``: ``values`` where ``mask`` holds."""
+    if mask is None:
+        return {"outlier_index": None, "outlier_value": None}
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    return {"outlier_index": index.cpu(), "outlier_value": values.reshape(-1)[index].cpu()}
+
+
+def _check_importance(name: str, importance: Tensor, weight: Tensor) -> None:
+    if importance.shape != weight.shape:
+        raise DKMError(
+            f"layer '{name}': sensitivity has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}; "
+            "pass one value per weight"
+        )
