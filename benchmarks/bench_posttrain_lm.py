@@ -15,7 +15,8 @@ per tensor (``fc:b/1``); one codebook per group of 16 output channels;
 sensitivity-weighted groups of 16 (diagonal Fisher from the calibration
 batches); calibrated per tensor and calibrated groups of 16
 (``palettize(..., calibration=...)``: GPTQ on the lookup table), the latter
-also with the Fisher sensitivity seeding its codebooks. Calibration
+also with the Fisher sensitivity seeding its codebooks; and both with 0.5%
+of each layer's weights kept exact (``outliers=0.005``). Calibration
 and sensitivity read 16 training sequences. Reported: held-out perplexity
 (bits per byte is its log2) and its ratio to the float model's, and the
 time and peak memory (RSS) of each palettization, next to the targets:
@@ -26,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import math
 import os
-import sysconfig
+import sys
 import time
 
 import torch
@@ -37,61 +37,14 @@ from _rss import peak_rss, reset_peak
 
 import dkm_param as dp
 
-SEQ, BATCH, EVAL_SEQS, CALIBRATION_SEQS = 128, 32, 256, 16
-CONFIG = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4,
-              num_key_value_heads=4, vocab_size=256, max_position_embeddings=SEQ, use_cache=False)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from dkm_recipe import SEQ, build, corpus, dkm_recipe, perplexity, sequences, train  # noqa: E402  the shipped recipe
+
+EVAL_SEQS, CALIBRATION_SEQS = 256, 16
 TARGETS = {4: 1.02, 3: 1.10}
 DKM_TARGETS = {3: 1.03, 2: 1.15}
 ANNEAL = 0.01  # tau at the end of the DKM recipe, relative to its start
-
-
-def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard library's top-level source as bytes: (training, held out)."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    train, held = [], []
-    for index, path in enumerate(files):
-        with open(path, "rb") as f:
-            (held if index % 10 == 0 else train).append(f.read())
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train), as_tensor(held)
-
-
-def sequences(data: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    starts = torch.randint(0, data.numel() - SEQ, (count,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([data[s : s + SEQ] for s in starts.tolist()])
-
-
-def build():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-
-def train(model, data: torch.Tensor, steps: int) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    model.train()
-    began = time.perf_counter()
-    for step in range(steps):
-        batch = sequences(data, BATCH, seed=1000 + step)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  step {step}: loss {loss.item():.3f} ({time.perf_counter() - began:.0f} s)", flush=True)
-
-
-def perplexity(model, held: torch.Tensor) -> float:
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for batch in held.split(32):
-            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-    return math.exp(total / len(held))
+OUTLIERS = 0.005  # the fraction of each layer's weights kept exact, in the rows with outliers
 
 
 def main() -> None:
@@ -101,6 +54,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dkm-steps", type=int, default=100, help="steps of the DKM recipe (0: skip it)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="run only the post-training methods whose name holds one of these words")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +87,11 @@ def main() -> None:
         "calibrated, groups of 16": lambda b: dict(policy=grouped(b, skip), calibration=inputs),
         "calibrated + sensitivity, groups of 16": lambda b: dict(
             policy=grouped(b, skip), calibration=inputs, sensitivity="fisher"),
+        f"calibrated + {OUTLIERS:.1%} outliers, per tensor": lambda b: dict(
+            policy=dp.Policy.from_notation(f"fc:{b}/1", small_layer_bits=None, skip=skip), calibration=inputs,
+            outliers=OUTLIERS),
+        f"calibrated + sensitivity + {OUTLIERS:.1%} outliers, groups of 16": lambda b: dict(
+            policy=grouped(b, skip), calibration=inputs, sensitivity="fisher", outliers=OUTLIERS),
     }
     print(f"\nfloat model: held-out perplexity {float_ppl:.3f} ({math.log2(float_ppl):.3f} bits per byte), "
           f"{EVAL_SEQS} sequences of {SEQ} bytes from {held_data.numel():,} held-out bytes; torch {torch.__version__}, "
@@ -141,6 +101,8 @@ def main() -> None:
     recipe_rows = []
     for bits in args.bits:
         for name, options in methods.items():
+            if args.methods is not None and not any(word in name for word in args.methods):
+                continue
             options = options(bits)
             copied = copy.deepcopy(model)
             reset_peak()
@@ -157,7 +119,8 @@ def main() -> None:
         if args.dkm_steps:
             reset_peak()
             began = time.perf_counter()
-            student, gaps = dkm_recipe(model, bits, inputs, batches, train_data, args.dkm_steps)
+            student, _, gaps = dkm_recipe(model, grouped(bits, skip), calibration, train_data, args.dkm_steps,
+                                          anneal=ANNEAL, report=lambda line: None)
             took, peak = time.perf_counter() - began, peak_rss()
             ppl = perplexity(student, held)
             target = DKM_TARGETS.get(bits)
@@ -170,40 +133,6 @@ def main() -> None:
             f"step {step}: {soft:.3f} / {hard:.3f} ({(hard - soft) / soft:+.2%})" for step, soft, hard in gaps
         )
         print(f"\nDKM recipe at {bits} bits, training loss with soft / snapped weights: {shown}")
-
-
-def dkm_recipe(model, bits: int, inputs, batches, data: torch.Tensor, steps: int):
-    """DKM fine-tuning seeded by the calibrated, sensitivity-weighted palettization, distilled from the
-    float model, its temperature annealed a hundredfold over the steps so that the soft weights it trains
-    with end where ``finalize`` snaps them. Returns (the finalized student, [(step, soft loss, snapped loss)])."""
-    policy = grouped(bits, ("lm_head",))
-    student = copy.deepcopy(model)
-    sensitivity = dp.fisher(student, batches)
-    seed = dp.palettize(student, policy, calibration=inputs, sensitivity=sensitivity, inplace=False)
-    dp.register_dkm(student, policy, init=seed)
-    student.train()
-    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    factor = ANNEAL ** (1.0 / steps)
-    gaps = []
-    for step in range(steps):
-        batch = sequences(data, 16, seed=5000 + step)
-        with torch.no_grad():
-            teacher = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
-        logits = student(input_ids=batch).logits.float()
-        loss = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
-                                          reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        dp.scale_temperature(student, factor)
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            with torch.no_grad():
-                soft = student(input_ids=batch, labels=batch).loss.item()
-                with dp.snapped(student):
-                    hard = student(input_ids=batch, labels=batch).loss.item()
-            gaps.append((step, soft, hard))
-    dp.finalize(student)
-    return student, gaps
 
 
 def grouped(bits: int, skip) -> dp.Policy:

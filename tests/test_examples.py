@@ -18,6 +18,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
             "palettize_torchvision.py",
             ["--model", "mobilenet_v2", "--policy", "cv:2/1, fc:2/1", "--out", "m.safetensors"],
         ),
+        (
+            "dkm_recipe.py",
+            ["--hidden", "64", "--layers", "1", "--train-steps", "30", "--steps", "6", "--out", "recipe.safetensors"],
+        ),
     ],
 )
 def test_example_runs(script, argv, tmp_path, monkeypatch, capsys):
