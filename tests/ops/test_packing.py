@@ -17,9 +17,9 @@ def test_pack_unpack_is_identity(bits, count, seed):
     assert unpacked.dtype == torch.uint8 and torch.equal(unpacked.long(), indices)
 
 
-@pytest.mark.parametrize("bits", [1, 3, 5, 7])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
 def test_pack_unpack_is_identity_across_chunks(bits, monkeypatch):
-    monkeypatch.setattr(packing, "_CHUNK_GROUPS", 3)  # chunks of 24 indices
+    monkeypatch.setattr(packing, "_CHUNK", 24)  # chunks of 24 indices (three groups)
     gen = torch.Generator().manual_seed(bits)
     for count in (0, 1, 23, 24, 25, 100, 191):
         indices = torch.randint(0, 1 << bits, (count,), generator=gen)

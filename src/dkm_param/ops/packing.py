@@ -12,8 +12,8 @@ from torch import Tensor
 
 # Eight indices of b bits fill exactly b bytes; packing works on such groups.
 _GROUP = 8
-# Groups handled at once: temporaries stay a few MiB, whatever the layer's size.
-_CHUNK_GROUPS = 1 << 14
+# Indices handled at once (a multiple of _GROUP): temporaries stay a few MiB, whatever the layer's size.
+_CHUNK = 1 << 22
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -21,11 +21,23 @@ def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def _places(bits: int) -> list[tuple[int, int, int, int]]:
+    """Where each of a group's eight indices lies in its ``bits`` bytes: (index, byte, shift, spill),
+    the index's low ``8 - shift`` bits at ``shift`` in ``byte``, and ``spill`` > 0 high bits at the
+    bottom of the next byte."""
+    places = []
+    for j in range(_GROUP):
+        byte, shift = divmod(j * bits, 8)
+        places.append((j, byte, shift, max(0, shift + bits - 8)))
+    return places
+
+
 def pack(indices: Tensor, bits: int) -> Tensor:
     """Pack a 1-D tensor of integers in ``[0, 2**bits)`` into a uint8 tensor.
 
-    Works through the indices in chunks, so memory beyond the result stays a
-    few MiB. Raises ValueError for bits outside 1..8 or an index out of range.
+    Byte-wide operations on groups of eight indices, a few MiB of them at a
+    time, so memory beyond the result stays small. Raises ValueError for bits
+    outside 1..8 or an index out of range.
     """
     _check_bits(bits)
     values = indices.reshape(-1)
@@ -35,24 +47,28 @@ def pack(indices: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return values.to(torch.uint8)
     out = torch.empty(packed_size(count, bits), dtype=torch.uint8, device=values.device)
-    shifts = torch.arange(_GROUP, dtype=torch.int64, device=values.device) * bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=values.device) * 8
-    step = _CHUNK_GROUPS * _GROUP
-    for start in range(0, count, step):
-        chunk = values[start : start + step].to(torch.int64)
-        padded = torch.nn.functional.pad(chunk, (0, (-chunk.numel()) % _GROUP)).view(-1, _GROUP)
-        words = (padded << shifts).sum(1)  # (groups,): 8*bits <= 64 bits each
-        packed = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    places = _places(bits)
+    for start in range(0, count, _CHUNK):
+        chunk = values[start : start + _CHUNK].to(torch.uint8)
+        groups = -(-chunk.numel() // _GROUP)
+        if chunk.numel() % _GROUP:
+            chunk = torch.cat([chunk, chunk.new_zeros(groups * _GROUP - chunk.numel())])
+        chunk = chunk.view(groups, _GROUP)
+        packed = torch.zeros(groups, bits, dtype=torch.uint8, device=values.device)
+        for j, byte, shift, spill in places:
+            packed[:, byte] |= chunk[:, j] << shift  # uint8: the bits past the byte fall off ...
+            if spill:
+                packed[:, byte + 1] |= chunk[:, j] >> (bits - spill)  # ... into the next one
         first = start // _GROUP * bits
-        out[first : first + packed.numel()] = packed[: out.numel() - first]
+        out[first : first + packed.numel()] = packed.reshape(-1)[: out.numel() - first]
     return out
 
 
 def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of ``pack``: ``count`` indices as uint8 (one byte each).
 
-    Works through the bytes in chunks, so memory beyond the result stays a
-    few MiB. Raises ValueError for bits outside 1..8 or a size that does not fit.
+    Byte-wide operations, a few MiB at a time, so memory beyond the result stays
+    small. Raises ValueError for bits outside 1..8 or a size that does not fit.
     """
     _check_bits(bits)
     if packed.numel() != packed_size(count, bits):
@@ -61,17 +77,23 @@ def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
     if bits == 8:
         return data.to(torch.uint8, copy=True)
     out = torch.empty(count, dtype=torch.uint8, device=data.device)
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=data.device) * 8
-    shifts = torch.arange(_GROUP, dtype=torch.int64, device=data.device) * bits
     mask = (1 << bits) - 1
-    step = _CHUNK_GROUPS * bits  # bytes of one chunk
+    places = _places(bits)
+    step = _CHUNK // _GROUP * bits  # bytes of one chunk
     for first in range(0, data.numel(), step):
-        chunk = data[first : first + step].to(torch.int64)
-        chunk = torch.nn.functional.pad(chunk, (0, (-chunk.numel()) % bits)).view(-1, bits)
-        words = (chunk << byte_shifts).sum(1)
-        values = ((words[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)
+        chunk = data[first : first + step].to(torch.uint8)
+        groups = -(-chunk.numel() // bits)
+        if chunk.numel() % bits:
+            chunk = torch.cat([chunk, chunk.new_zeros(groups * bits - chunk.numel())])
+        chunk = chunk.view(groups, bits)
+        values = torch.empty(groups, _GROUP, dtype=torch.uint8, device=data.device)
+        for j, byte, shift, spill in places:
+            value = chunk[:, byte] >> shift
+            if spill:
+                value |= chunk[:, byte + 1] << (bits - spill)
+            values[:, j] = value & mask
         start = first // bits * _GROUP
-        out[start : start + values.numel()] = values[: count - start]
+        out[start : start + values.numel()] = values.reshape(-1)[: count - start]
     return out
 
 
