@@ -71,12 +71,12 @@ def decode(
     """
     work = compute_dtype(dtype)
     book = codebook.to(work)
-    index = indices.long()
+    index = indices.int()  # 4 bytes an index: a layer's decode holds them all at once
     if book.dim() == 2:
         vectors = book[index]
     else:
         per_group = index.numel() // book.shape[0]
-        group = torch.arange(index.numel(), device=index.device) // per_group
+        group = torch.arange(index.numel(), dtype=torch.int32, device=index.device) // per_group
         vectors = book[group, index]
     flat = vectors.reshape(rows(shape), -1)
     if scale is not None:
