@@ -49,11 +49,8 @@ def pack(indices: Tensor, bits: int) -> Tensor:
     out = torch.empty(packed_size(count, bits), dtype=torch.uint8, device=values.device)
     places = _places(bits)
     for start in range(0, count, _CHUNK):
-        chunk = values[start : start + _CHUNK].to(torch.uint8)
-        groups = -(-chunk.numel() // _GROUP)
-        if chunk.numel() % _GROUP:
-            chunk = torch.cat([chunk, chunk.new_zeros(groups * _GROUP - chunk.numel())])
-        chunk = chunk.view(groups, _GROUP)
+        chunk = _in_rows(values[start : start + _CHUNK], _GROUP)
+        groups = chunk.shape[0]
         packed = torch.zeros(groups, bits, dtype=torch.uint8, device=values.device)
         for j, byte, shift, spill in places:
             packed[:, byte] |= chunk[:, j] << shift  # uint8: the bits past the byte fall off ...
@@ -81,11 +78,8 @@ def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
     places = _places(bits)
     step = _CHUNK // _GROUP * bits  # bytes of one chunk
     for first in range(0, data.numel(), step):
-        chunk = data[first : first + step].to(torch.uint8)
-        groups = -(-chunk.numel() // bits)
-        if chunk.numel() % bits:
-            chunk = torch.cat([chunk, chunk.new_zeros(groups * bits - chunk.numel())])
-        chunk = chunk.view(groups, bits)
+        chunk = _in_rows(data[first : first + step], bits)
+        groups = chunk.shape[0]
         values = torch.empty(groups, _GROUP, dtype=torch.uint8, device=data.device)
         for j, byte, shift, spill in places:
             value = chunk[:, byte] >> shift
@@ -95,6 +89,14 @@ def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
         start = first // bits * _GROUP
         out[start : start + values.numel()] = values.reshape(-1)[: count - start]
     return out
+
+
+def _in_rows(chunk: Tensor, width: int) -> Tensor:
+    """``chunk`` as uint8 rows of ``width``, the last padded with zeros.  # (rows, width)"""
+    chunk = chunk.to(torch.uint8)
+    if chunk.numel() % width:
+        chunk = torch.cat([chunk, chunk.new_zeros(width - chunk.numel() % width)])
+    return chunk.view(-1, width)
 
 
 def _check_bits(bits: int) -> None:
