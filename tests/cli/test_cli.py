@@ -9,6 +9,7 @@ from torch import nn
 
 import dkm_param as dp
 from dkm_param import cli
+from dkm_param.format import FORMAT_VERSION
 
 LINEAR = ["torch.nn:Linear", "--kwargs", '{"in_features": 128, "out_features": 100}']
 
@@ -58,7 +59,7 @@ def assert_clean_error(status, err, *fragments):
 def test_inspect_lists_format_layers_plain_tensors_and_totals(capsys, dkm_file):
     status, out, _ = run(capsys, "inspect", dkm_file)
     assert status == 0
-    assert "dkm-param format version 1" in out
+    assert f"dkm-param format version {FORMAT_VERSION}" in out
     for name in ("conv.weight", "encode.weight"):
         assert name in out
     assert "2 groups of 4 channels; scale per channel" in out
@@ -224,7 +225,7 @@ def test_python_dash_m_runs_the_command_line(dkm_file):
         [sys.executable, "-m", "dkm_param", "inspect", str(dkm_file)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "encode.weight" in done.stdout and "dkm-param format version 1" in done.stdout
+    assert "encode.weight" in done.stdout and f"dkm-param format version {FORMAT_VERSION}" in done.stdout
 
 
 def test_command_line_modules_import_no_optional_extra():
