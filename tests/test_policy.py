@@ -252,3 +252,92 @@ def test_a_weight_with_a_parametrization_of_its_own_is_left_alone_and_said_so():
         dp.Policy(overrides={"0": dp.LayerSpec()}).plan(model)
     compressed = dp.palettize(model, dp.Policy(small_layer_bits=None))
     assert list(compressed.layers) == ["1.weight"] and parametrize.is_parametrized(model[0], "weight")
+
+
+def test_names_and_patterns_that_match_no_layer_are_an_error_naming_the_closest():
+    model = torchvision.models.mobilenet_v2()  # its layers: features.0.0, ..., classifier.1
+    policy = dp.Policy(skip=("features.0",), overrides={"classifier": None})
+    with pytest.raises(dp.SpecError) as raised:
+        policy.plan(model)
+    text = str(raised.value)
+    assert "policy skip 'features.0' (a Conv2dNormActivation, not a module that owns a weight" in text
+    assert "closest: 'features.0.0'" in text  # a module's own layers come first
+    assert "policy overrides 'classifier' (a Sequential" in text and "'classifier.1'" in text
+    assert "in MobileNetV2" in text and "correct or remove it" in text
+    with pytest.raises(dp.SpecError, match=r"policy overrides 'layer4\\\\\.\.\*' \(no module that owns a weight"):
+        dp.Policy(overrides={r"layer4\..*": None}).plan(small_net())
+    with pytest.raises(dp.SpecError, match=r"policy skip 'feature.1.conv.0.0' .*closest: 'features.1.conv.0.0'"):
+        dp.Policy(skip=("features.0.0", "feature.1.conv.0.0")).plan(model)  # only the misspelt one is named
+    # names match exactly, patterns in full, as before: these match and plan
+    plan = dp.Policy(skip=("features.0.0",), overrides={"classifier.1": None, r"features\.1\..*": None}).plan(model)
+    assert plan.row("features.0.0").spec is None and plan.row("features.1.conv.0.0").spec is None
+    assert dp.Policy(skip=("1",)).plan(small_net()).row("1").spec is None  # a BatchNorm's weight is a name too
+
+
+def test_a_policy_naming_nothing_leaves_the_model_as_it_was():
+    model = small_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = dp.Policy(default=dp.LayerSpec(bits=2), overrides={"fc": None}, small_layer_bits=None)
+    with pytest.raises(dp.SpecError, match="policy overrides 'fc'"):
+        dp.register_dkm(model, policy)
+    with pytest.raises(dp.SpecError, match="policy overrides 'fc'"):
+        dp.palettize(model, policy)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def dense_bytes(row, dtype=torch.float32):
+    return row.numel * dtype.itemsize
+
+
+@pytest.mark.parametrize("build", [torchvision.models.mobilenet_v3_small, torchvision.models.efficientnet_b0])
+def test_default_policy_stores_no_layer_larger_than_it_was(build):
+    model = build(weights=None)
+    plan = dp.Policy().plan(model)
+    for row in plan.clustered():
+        spec = row.spec
+        codebook = spec.clusters * spec.dim * 4  # float32 entries, one codebook (no groups, no scales)
+        indices = -(-row.numel // spec.dim * spec.bits // 8)
+        assert codebook + indices < dense_bytes(row), (row.name, row.numel, spec.bits)
+    small = [r for r in plan if r.kind and r.spec is None]
+    assert small, "these models have layers the small-layer rule would make larger"
+    for row in small:
+        assert row.numel * 4 < 1024 + row.numel  # an 8-bit float32 codebook alone is 1 KiB
+        assert row.reason.startswith("small layer (< 10,000 weights, small_layer_bits=8): kept as it is")
+        assert f"not less than its own {dense_bytes(row):,} B" in row.reason and "small_layer_bits=None" in row.reason
+    raised = [r for r in plan.clustered() if r.spec.bits == 8]
+    assert raised and all(r.reason == "small layer (< 10,000 weights, small_layer_bits=8): 8 bits" for r in raised)
+
+
+def test_a_small_bert_classifier_is_kept_for_the_rule_and_every_stored_layer_is_smaller():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=96, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=32, num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    row = dp.Policy().plan(model).row("classifier")  # 2 x 96 = 192 weights
+    assert row.spec is None and "small layer" in row.reason and "small_layer_bits=None clusters it" in row.reason
+    assert "bits <=" not in row.reason  # once: a hint to lower bits, that never named the rule
+    compressed = dp.palettize(model, dp.Policy(), inplace=False)
+    assert "classifier.weight" not in compressed.layers and len(compressed.layers) == 7
+    for name, layer in compressed.layers.items():
+        assert layer.nbytes < layer.numel * layer.dtype.itemsize, name
+    off = dp.Policy(small_layer_bits=None).plan(model).row("classifier")
+    assert off.spec.bits == 4  # 64 B of codebook and 96 B of indices: smaller than 768 B
+
+
+def test_a_layer_clustering_would_make_larger_is_kept_or_refused_when_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(64, 64))  # 16 weights: 64 B in float32
+    plan = dp.Policy(small_layer_bits=None).plan(model)
+    reason = "kept as it is: bits=4, dim=1 would take 72 B with the codebook, not less than its own 64 B in float32"
+    assert plan.row("0").spec is None and plan.row("0").reason == reason
+    assert plan.row("1").clustered
+    assert dp.Policy(default=dp.LayerSpec(bits=2), small_layer_bits=None).plan(model).row("0").clustered  # 16 + 4 B
+    with pytest.raises(dp.SpecError, match=r"layer '0' \(Linear, 16 weights\): bits=4, dim=1 would take 72 B.*skip"):
+        dp.Policy(overrides={"0": dp.LayerSpec()}).plan(model)
+    half = dp.Policy(small_layer_bits=None).plan(nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16))
+    assert half.row("0").spec is None  # a bfloat16 codebook: 32 B and 8 B of indices
+    assert half.row("0").reason.endswith("would take 40 B with the codebook, not less than its own 32 B in bfloat16")

@@ -9,16 +9,20 @@ layer. The policy never touches the model: ``plan(model)`` returns rows.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import RegistrationError, SpecError
-from .ops.dtypes import DTYPES, is_supported
-from .spec import CONFIG_VERSION, MAX_BITS, LayerSpec, config_from_dict, show_value
+from .ops import layout
+from .ops.dtypes import DTYPES, compute_dtype, dtype_name, is_supported, itemsize
+from .ops.packing import packed_size
+from .spec import CONFIG_VERSION, MAX_BITS, LayerSpec, StorageSpec, config_from_dict, show_value
 from .tables import render_table
 
 KINDS = ("cv", "fc", "emb")
@@ -124,11 +128,19 @@ class Policy:
         (the paper's protocol).
     small_layer_params, small_layer_bits: layers with fewer weights than this
         use at least ``small_layer_bits`` bits (the paper: 10,000 and 8);
-        ``small_layer_bits=None`` turns the rule off.
+        ``small_layer_bits=None`` turns the rule off. Where those bits would
+        store the layer larger than it is (the codebook outweighs the
+        saving), the layer is kept as it is instead.
     strict: raise instead of skipping a layer the policy selected but cannot
         cluster (a dim that does not divide it, too few vectors).
 
-    Exact-name overrides are explicit requests: a misfit there always raises.
+    Names and patterns (in ``skip`` and ``overrides``) match the full names of
+    modules that own a weight, as ``plan`` lists them; one that matches none
+    of a model's is an error when the policy is applied to it. A layer that
+    clustering would store larger than it is (codebook, packed indices and
+    scales against the weight at its own dtype) is kept as it is, with that
+    reason in the plan. Exact-name overrides are explicit requests: a misfit
+    or a layer made larger there always raises.
     Raises SpecError, naming the field, for a value of the wrong type or range
     (``skip`` may be a str or a list of them; it is kept as a tuple).
     """
@@ -269,10 +281,16 @@ class Policy:
     def plan(self, model: nn.Module) -> Plan:
         """Decide every module that owns a weight, without touching the model.
 
-        Raises SpecError for a misfit on an exactly named layer, or on any
-        selected layer when ``strict``.
+        Each row's reason says why the layer got its bits or was skipped.
+        Raises SpecError for a name or pattern in ``skip`` or ``overrides``
+        that matches no module with a weight (listing the closest names), for
+        a misfit or a layer made larger on an exactly named layer, and for a
+        misfit on any selected layer when ``strict``.
         """
         candidates = list(_weighted_modules(model))
+        entries = [("policy skip", pattern) for pattern in self.skip]
+        entries += [("policy overrides", key) for key in self.overrides]
+        check_names_match(model, entries, [name for name, _, _ in candidates], "module that owns a weight")
         targets = [name for name, module, _ in candidates if layer_kind(module) is not None]
         edges = {targets[0], targets[-1]} if self.skip_first_last and targets else set()
 
@@ -290,9 +308,8 @@ class Policy:
             if spec is not None and general and name in edges:
                 spec, reason = None, "first or last layer (skip_first_last)"
             if spec is not None and general and self.small_layer_bits and numel < self.small_layer_params:
-                if spec.bits < self.small_layer_bits:
-                    spec = spec.replace(bits=self.small_layer_bits)
-                    reason = f"small layer (< {self.small_layer_params} weights): {self.small_layer_bits} bits"
+                if spec.bits < self.small_layer_bits and is_supported(weight.dtype):
+                    spec, reason = self._small_layer(spec, shape, weight.dtype)
             if spec is not None and parametrize.is_parametrized(module, "weight"):
                 kinds = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
                 spec, reason = None, f"its weight already has a parametrization ({kinds}) that would be lost"
@@ -318,8 +335,77 @@ class Policy:
                             "or skip the layer in the policy"
                         )
                     spec, reason = None, misfit
+            if spec is not None:
+                stored, dense = stored_size(spec.storage, shape, weight.dtype), numel * itemsize(weight.dtype)
+                if stored >= dense:
+                    larger = (
+                        f"bits={spec.bits}, dim={spec.dim} would take {stored:,} B with the codebook, "
+                        f"not less than its own {dense:,} B in {dtype_name(weight.dtype)}"
+                    )
+                    if source == "name":
+                        raise SpecError(
+                            f"layer '{name}' ({type(module).__name__}, {numel} weights): {larger}; "
+                            "give it fewer bits or a larger dim, or skip the layer in the policy"
+                        )
+                    spec, reason = None, f"kept as it is: {larger}"
             decided.append(LayerPlan(**row, spec=spec, reason=reason))
         return Plan(_tie(decided, candidates))
+
+    def _small_layer(self, spec: LayerSpec, shape: tuple[int, ...], dtype) -> tuple[LayerSpec | None, str]:
+        """The small-layer rule: ``small_layer_bits`` bits, or none where those bits would make the layer larger."""
+        bits = self.small_layer_bits
+        rule = f"small layer (< {self.small_layer_params:,} weights, small_layer_bits={bits})"
+        raised = spec.replace(bits=bits)
+        stored, dense = stored_size(raised.storage, shape, dtype), math.prod(shape) * itemsize(dtype)
+        if spec.misfit(shape) is None and stored >= dense:
+            # also where the layer has fewer vectors than 2**bits clusters: their codebook alone outweighs it
+            return None, (
+                f"{rule}: kept as it is, as {bits} bits would take {stored:,} B with the codebook, not less than "
+                f"its own {dense:,} B; small_layer_bits=None clusters it at bits={spec.bits}"
+            )
+        return raised, f"{rule}: {bits} bits"
+
+
+def stored_size(spec: StorageSpec, shape: tuple[int, ...], dtype) -> int:
+    """Bytes a weight of ``shape`` and ``dtype`` takes clustered with ``spec``: the full codebooks
+    (in the weight's dtype, ``finalize``'s default), the packed indices and the per-channel scales."""
+    codebooks = layout.groups(shape, spec.group_size) * spec.clusters * spec.dim * itemsize(dtype)
+    scales = layout.rows(shape) * itemsize(compute_dtype(dtype)) if spec.channel_scale else 0
+    return codebooks + scales + packed_size(math.prod(shape) // spec.dim, spec.bits)
+
+
+def check_names_match(model: nn.Module, entries: Iterable[tuple[str, str]], names: list[str], what: str) -> None:
+    """Raise SpecError for the ``(field, name or pattern)`` entries that match none of ``names``.
+
+    A name matches itself, a pattern the names it matches in full. The error
+    lists each unmatched entry with the closest names (a module's own layers
+    first, then names spelled alike) and says what a name must be.
+    """
+    known = set(names)
+    unmatched = [
+        (table, pattern)
+        for table, pattern in entries
+        if pattern not in known and not any(re.fullmatch(pattern, name) for name in names)
+    ]
+    if not unmatched:
+        return
+    modules = dict(model.named_modules(remove_duplicate=False))
+    parts = []
+    for table, pattern in unmatched:
+        inside = [name for name in names if name.startswith(f"{pattern}.")]
+        close = inside[:3] + difflib.get_close_matches(pattern, [n for n in names if n not in inside], n=3, cutoff=0.6)
+        if pattern in modules:
+            found = f"a {type(modules[pattern]).__name__}, not a {what}"
+        else:
+            found = f"no {what} matches it"
+        hint = f"; closest: {', '.join(repr(n) for n in close[:4])}" if close else ""
+        parts.append(f"{table} {pattern!r} ({found}{hint})")
+    example = f", e.g. {names[-1]!r}" if names else ""
+    raise SpecError(
+        f"{'; '.join(parts)} in {type(model).__name__}: each must be the full name of a {what} "
+        f"(as model.named_modules() gives it{example}) or a regular expression matching whole names; "
+        "correct or remove it"
+    )
 
 
 def _is_int(value: Any) -> bool:

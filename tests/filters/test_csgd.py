@@ -108,6 +108,20 @@ def test_counts_above_the_layers_channels_are_refused():
         cluster_filters(vgg(), CSGDSpec(channels={"0": 9}))
 
 
+def test_channels_naming_no_conv_or_linear_layer_are_an_error_naming_the_closest():
+    model = vgg()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SpecError) as raised:
+        cluster_filters(model, CSGDSpec(channels={"1": 4, "30": 2, r"conv\d": 0.5}))
+    text = str(raised.value)
+    assert "channels '1' (a BatchNorm2d, not a conv or linear layer; closest: '12')" in text
+    assert "channels '30' (no conv or linear layer matches it; closest: '3', '0')" in text
+    assert r"channels 'conv\\d' (no conv or linear layer matches it)" in text and "correct or remove it" in text
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert cluster_filters(model, CSGDSpec(ratio=None, channels={"3": 4, r"[07]": 0.5})).row("7").target == 8
+
+
 def test_plan_round_trips_through_json():
     plan = cluster_filters(vgg(), CSGDSpec(ratio=0.5))
     again = FilterPlan.from_dict(json.loads(json.dumps(plan.to_dict())))

@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import SpecError
 from ..ops.kmeans import init_codebook, nearest
+from ..policy import check_names_match
 from ..spec import CONFIG_VERSION, FLOAT32_MAX, MAX_SEED, config_from_dict, show_value
 from ..tables import render_table
 from .routes import out_channels, producers, routes
@@ -310,13 +311,18 @@ def cluster_filters(model: nn.Module, spec: CSGDSpec | None = None) -> FilterPla
     sum, a concatenation, the model's output, a grouped conv, ...) are
     skipped with the reason. Raises SpecError for such a layer named
     exactly in ``spec.channels`` (or any selected one when ``spec.strict``),
-    for a count above the layer's channels, and for non-finite weights;
-    SurgeryError when the model cannot be traced with torch.fx.
+    for a name or pattern in ``spec.channels`` that matches no conv or linear
+    layer (listing the closest names), for a count above the layer's
+    channels, and for non-finite weights; SurgeryError when the model cannot
+    be traced with torch.fx. The model is never changed.
     """
     spec = spec if spec is not None else CSGDSpec()
+    layers = list(producers(model))
+    entries = [("channels", key) for key in spec.channels]
+    check_names_match(model, entries, [name for name, _ in layers], "conv or linear layer")
     found = routes(model)
     rows = []
-    for name, module in producers(model):
+    for name, module in layers:
         channels = out_channels(module)
         kind = type(module).__name__
         row = dict(name=name, module_type=kind, channels=channels)
