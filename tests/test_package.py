@@ -108,3 +108,71 @@ def test_ruff_is_clean():
     )
     assert "No module named ruff" not in ran.stderr, "ruff is part of the dev extra: pip install -e '.[dev]'"
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+# What torch.compile and symbolic shapes pull in: over a second of start-up that `import dkm_param`
+# (and so every dkm-param command) must not pay. Checked as modules, not seconds, so that a loaded
+# machine cannot make the test flaky.
+DEFERRED = ("torch._dynamo", "torch._inductor", "sympy", "matplotlib", "sklearn", "torchvision", "transformers")
+
+
+def added_modules(code: str) -> str:
+    """The modules of DEFERRED that ``code`` loads after ``import torch`` in a fresh interpreter, as printed."""
+    probe = (
+        "import sys, torch; before = set(sys.modules)\n"
+        f"{code}\n"
+        "added = set(sys.modules) - before\n"
+        f"print(sorted(m for m in {DEFERRED!r} if m in added))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_import_does_not_load_the_compiler():
+    assert added_modules("import dkm_param; from dkm_param import register_dkm, palettize, Policy") == "[]"
+
+
+def test_command_line_help_and_inspect_do_not_load_the_compiler(tmp_path):
+    path = tmp_path / "m.safetensors"
+    code = (
+        "import contextlib, io, dkm_param as dp\n"
+        "from dkm_param.cli import main\n"
+        f"dp.palettize(torch.nn.Linear(64, 64), dp.Policy(small_layer_bits=None)).save({str(path)!r})\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['--help']) == 0 and main(['inspect', '--help']) == 0\n"
+        f"    assert main(['inspect', {str(path)!r}]) == 0"
+    )
+    assert added_modules(code) == "[]"
+
+
+def test_the_compiler_is_loaded_when_dkm_is_registered():
+    # forward gets torch.compiler.disable when the first parametrization is built, not at import
+    code = (
+        "import dkm_param as dp\n"
+        "dp.register_dkm(torch.nn.Linear(64, 64), dp.Policy(small_layer_bits=None))\n"
+        "assert dp.DKMParametrization.forward._torchdynamo_disable"
+    )
+    assert "torch._dynamo" in added_modules(code)
+
+
+def test_module_docstring_names_the_entry_points_and_the_api_reference():
+    import dkm_param
+
+    doc = dkm_param.__doc__
+    assert len(doc.splitlines()) > 5 and "docs/api.md" in doc
+    for name in ("register_dkm", "finalize", "palettize", "load_compressed", "Policy", "LayerSpec"):
+        assert f"``{name}" in doc and name in dkm_param.__all__, name
+
+
+def test_install_hints_name_published_packages_and_the_extra_of_a_checkout():
+    import tomllib
+
+    from dkm_param.extras import EXTRAS, install_hint
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {name: tuple(extras[name]) for name in EXTRAS} == EXTRAS
+    hint = install_hint("plots")
+    assert hint.startswith("pip install 'matplotlib>=3.7'") and 'pip install -e ".[plots]"' in hint
+    assert "dkm-param[" not in hint
+    assert "pip install 'scikit-learn>=1.3' 'matplotlib>=3.7' 'tqdm>=4.60'" in install_hint("demo")

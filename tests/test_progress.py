@@ -60,3 +60,8 @@ def test_tqdm_disable_silences_even_a_forced_bar():
     env = dict(os.environ, TQDM_DISABLE="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "[0, 1, 2]" and "layers" not in done.stderr
+
+
+def test_the_install_hint_names_a_package_pip_can_find():
+    assert "pip install 'tqdm>=4.60'" in track.__doc__ and '".[progress]"' in track.__doc__
+    assert "dkm-param[" not in track.__doc__  # dkm-param itself is not on PyPI

@@ -1,4 +1,24 @@
-"""dkm-param: weight clustering (differentiable k-means) for PyTorch models."""
+"""dkm-param: weight clustering (differentiable k-means) for PyTorch models.
+
+Each chosen weight becomes a small codebook plus one low-bit index per weight
+(or per short vector of weights), learnt while the network trains (DKM) or
+clustered once after training, and is saved as one safetensors file.
+
+The main entry points:
+
+- ``Policy``, ``LayerSpec``: which layers are clustered, and how;
+  ``policy.plan(model)`` prints the decision without touching the model.
+- ``register_dkm(model, policy)``, then the usual training loop, then
+  ``finalize(model)``: the snapped weights and a ``CompressedModel``
+  (``.save(path)``, ``.summary()``).
+- ``palettize(model, policy)``: k-means once, without training.
+- ``load_compressed(path, model)``, ``read_compressed(path)``: read a file back.
+- ``cluster_filters``, ``CentripetalSGD``, ``thin``: fewer filters (C-SGD).
+
+Every public name is documented in docs/api.md of the source repository
+(generated from these docstrings); ``help(dkm_param.register_dkm)`` shows one,
+``dkm-param --help`` the command line.
+"""
 
 from .dkm.anneal import scale_temperature, snapped
 from .dkm.codebooks import CodebookParametrization, finetune_codebooks

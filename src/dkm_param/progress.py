@@ -22,7 +22,8 @@ def track(
     delay: seconds before the bar appears, so work that finishes sooner
         prints nothing.
     The bar is removed when the loop ends. Without tqdm the iterable comes
-    back unchanged: tqdm is optional (``pip install 'dkm-param[progress]'``).
+    back unchanged: tqdm is optional (``pip install 'tqdm>=4.60'``, or
+    ``pip install -e ".[progress]"`` in a source checkout).
     """
     if enabled is False or (enabled is None and not _stderr_is_terminal()):
         return iterable

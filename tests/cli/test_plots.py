@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +76,16 @@ def test_unknown_layer_or_misfit_weights_name_the_problem(tmp_path, compressed):
     with pytest.raises(dp.DKMError, match=r"hold no '0.weight'"):
         plots.plot_layer(palettized, tmp_path / "x.png", name="0", weights={})
     assert not (tmp_path / "x.png").exists()
+
+
+def test_without_matplotlib_plots_name_the_package_to_install(monkeypatch, tmp_path, compressed):
+    _, palettized = compressed
+    plots.require_matplotlib()  # installed: nothing to say
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    hint = r"plots need matplotlib; install it with pip install 'matplotlib>=3\.7' \(in a source checkout"
+    with pytest.raises(ModuleNotFoundError, match=hint):
+        plots.require_matplotlib()
+    with pytest.raises(ModuleNotFoundError, match=hint):
+        plots.plot_sizes(palettized, tmp_path / "sizes.png")
+    assert not (tmp_path / "sizes.png").exists()

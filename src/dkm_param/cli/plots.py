@@ -1,13 +1,14 @@
 """PNG plots of a CompressedModel: a layer's weights and centroids, bits and size per layer.
 
-Needs matplotlib (``pip install 'dkm-param[plots]'``), imported only when a
-plot is drawn. Figures are drawn with matplotlib's object API and written
+Needs matplotlib (``pip install 'matplotlib>=3.7'``, or ``pip install -e ".[plots]"``
+in a source checkout), imported only when a plot is drawn. Figures are drawn with matplotlib's object API and written
 straight to a file: no pyplot state, no window, no change to the caller's
 matplotlib backend.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Mapping, Union
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DKMError
+from ..extras import install_hint
 from ..format import CompressedModel
 from ..tables import format_size, printable
 
@@ -24,6 +26,7 @@ Weights = Union[Tensor, Mapping[str, Tensor], nn.Module, None]
 
 _DPI = 120
 _MAX_LINES = 32  # centroids drawn as full-height lines; more become a rug
+_MISSING = f"plots need matplotlib; install it with {install_hint('plots')}"
 
 
 def plot_layer(
@@ -247,11 +250,20 @@ def _bars_height(count: int) -> float:
     return max(3.0, 1.2 + 0.32 * count)
 
 
+def require_matplotlib() -> None:
+    """Raise ModuleNotFoundError, with the command that installs it, when matplotlib is not installed.
+
+    Looks without importing it, so that a command can check before its work.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(_MISSING)
+
+
 def _figure(figsize):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ModuleNotFoundError("plots need matplotlib; install it with pip install 'dkm-param[plots]'") from None
+        raise ModuleNotFoundError(_MISSING) from None
     return Figure(figsize=figsize, layout="constrained")
 
 

@@ -11,6 +11,7 @@ from ..errors import DKMError, RegistrationError
 from ..format import CompressedLayer
 from ..ops import kmeans, layout, soft, table
 from ..ops.dtypes import compute_dtype
+from ..ops.threads import threads_for
 from ..spec import FLOAT32_MAX, FLOAT32_TINY, LayerSpec
 
 
@@ -45,6 +46,7 @@ class DKMParametrization(nn.Module):
     ):
         """codebook: starting centroids (e.g. from ``palettize``) instead of ``spec.init``."""
         super().__init__()
+        _run_eagerly_under_compile()
         self.spec = spec
         self.name = name
         self.skipped = tuple(skipped)
@@ -232,8 +234,8 @@ class DKMParametrization(nn.Module):
         )
 
     # The clustering is data-dependent Python (early exits, windows, caching):
-    # torch.compile runs it eagerly and compiles the rest of the model.
-    @torch.compiler.disable
+    # torch.compile runs it eagerly and compiles the rest of the model
+    # (torch.compiler.disable, applied by _run_eagerly_under_compile).
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training or self.snapping:
             return self.snap(weight)
@@ -243,12 +245,16 @@ class DKMParametrization(nn.Module):
         # What the clustering saves for backward is its own: activation checkpointing (which
         # re-runs the forward and expects the same saved tensors) gets the cached result on
         # the re-run, so the clustering runs once per step and nothing is counted twice.
-        with _own_saved_tensors():
+        with _own_saved_tensors(), threads_for(weight.numel()):
             out = self._soft_weight(weight)
         if out.requires_grad:
             out.register_hook(self._forget)
         self._cached = (self._key(weight), out)
         return out
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _run_eagerly_under_compile()  # an unpickled one was not built by __init__
 
     def by_value(self, weight: Tensor) -> bool:
         """Whether the weight is clustered by value table (``ops.table``): a bfloat16 or
@@ -345,6 +351,19 @@ class DKMParametrization(nn.Module):
     def _forget(self, grad: Tensor) -> None:
         # backward has consumed the graph: the next read must build a new one
         self._cached = None
+
+
+def _run_eagerly_under_compile() -> None:
+    """Give ``DKMParametrization.forward`` torch.compiler.disable, once, when the first one is built.
+
+    Not a decorator: torch.compiler.disable imports torch._dynamo (over a
+    second), which ``import dkm_param`` must not cost.
+    """
+    forward = DKMParametrization.forward
+    if not getattr(forward, "_dkm_eager", False):
+        eager = torch.compiler.disable(forward)
+        eager._dkm_eager = True
+        DKMParametrization.forward = eager
 
 
 def _spacing(codebook: Tensor) -> Tensor:

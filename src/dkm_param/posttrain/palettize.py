@@ -14,6 +14,7 @@ from ..format import CompressedLayer, CompressedModel, assemble
 from ..format.layer import check_codebook_dtype
 from ..ops import kmeans, layout
 from ..ops.dtypes import compute_dtype
+from ..ops.threads import threads_for
 from ..policy import Policy, check_materialized, weight_key, weight_of
 from ..progress import track
 from ..spec import LayerSpec, StorageSpec
@@ -94,9 +95,11 @@ def palettize(
             weight, outliers, row.spec, importance if outlier_by == "sensitivity" else None, row.name
         )
         if batches is None:
-            layer = cluster_weight(
-                weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype, outliers=exact
-            )
+            with threads_for(weight.numel()):  # a small layer's many tiny operations: one thread
+                layer = cluster_weight(
+                    weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype,
+                    outliers=exact,
+                )
         else:
             layer = calibrated_layer(
                 weight, module, row.spec, stats.pop(row.name), row.name, importance, optimal, codebook_dtype, damp,
