@@ -51,7 +51,9 @@ def main(argv=None):
     plan = dp.register_dkm(model, dp.Policy.from_notation(f"cv:{args.bits}/1, fc:{args.bits}/1", small_layer_bits=None))
     print(plan)
     train(args.epochs, 1e-3)  # the same loop, now training weights and codebooks together
-    print(f"DKM, soft weights: {accuracy():.2f}%")  # eval mode: already the snapped weights
+    # accuracy() sets eval mode, where module.weight is the snapped weight (each weight its nearest centroid),
+    # what finalize keeps; in training mode it is the soft weight the loop trained
+    print(f"DKM, snapped weights: {accuracy():.2f}%")
     compressed = dp.finalize(model)
     compressed.save(args.out)
     print(compressed.summary())

@@ -144,6 +144,32 @@ def test_compress_with_dkm_snap_and_a_plot(capsys, tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_plot_without_matplotlib_fails_before_any_work_naming_what_to_install(capsys, tmp_path, monkeypatch):
+    import importlib
+
+    command_line = importlib.import_module("dkm_param.cli.main")
+
+    def no_work(*args):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(command_line, "_build_model", no_work)
+    monkeypatch.setattr(command_line, "read_compressed", no_work)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out_path, png = tmp_path / "m.safetensors", tmp_path / "m.png"
+    hint = "plots need matplotlib; install it with pip install 'matplotlib>=3.7'"
+    status, _, err = run(capsys, "compress", *LINEAR, "--out", out_path, "--plot", png)
+    assert_clean_error(status, err, hint, 'pip install -e ".[plots]"')
+    assert "dkm-param[" not in err and not out_path.exists() and not png.exists()
+    status, _, err = run(capsys, "inspect", tmp_path / "missing.safetensors", "--plot", png)
+    assert_clean_error(status, err, hint)
+
+
+def test_demo_help_names_packages_that_pip_can_install(capsys):
+    status, out, _ = run(capsys, "demo", "--help")
+    assert status == 0 and "dkm-param[" not in out
+    assert "'scikit-learn>=1.3'" in out and ".[demo]" in out
+
+
 def test_compress_and_plan_find_a_model_in_the_current_directory(capsys, tmp_path, monkeypatch):
     (tmp_path / "cli_test_models.py").write_text(
         "import torch\n"

@@ -4,6 +4,10 @@ Trains the float model, then compresses a copy of it twice with the same
 policy: DKM fine-tuning (a few epochs of an ordinary training loop, then
 ``finalize``) and post-training palettization (no training). Each
 compressed model is saved, loaded back into a fresh network and tested.
+By default every weight is stored in vectors of 4, each a 2-bit index
+(``cv:2/4, fc:2/4``, half a bit a weight): there post-training k-means
+loses most of the accuracy and DKM, training the network into its
+codebooks, keeps nearly all of it.
 Needs the ``demo`` extra (scikit-learn for the data, matplotlib for the plot).
 """
 
@@ -22,11 +26,17 @@ from torch import Tensor, nn
 
 from ..dkm.finalize import finalize
 from ..dkm.register import register_dkm
+from ..extras import install_hint
 from ..format import CompressedModel, load_compressed
 from ..policy import Policy
 from ..posttrain.palettize import palettize
 from ..progress import track
+from ..spec import LayerSpec
 from ..tables import render_table
+
+# Vectors need a lower temperature than LayerSpec's default (tau_rel=2.0): at 2/4 on this network the
+# default settles every codebook onto the weights' mean at registration, and the model starts at chance.
+_TAU_REL = 0.3
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ def run_demo(
     epochs: int = 15,
     dkm_epochs: int = 4,
     bits: int = 2,
+    dim: int = 4,
     seed: int = 0,
     train_limit: int | None = None,
     threads: int | None = 1,
@@ -74,7 +85,10 @@ def run_demo(
     out: directory for ``dkm.safetensors``, ``palettized.safetensors`` and
         ``overview.png`` (created if missing).
     epochs: float training epochs; dkm_epochs: DKM fine-tuning epochs.
-    bits: bits per weight of every conv and linear layer (small ones included).
+    bits, dim: every conv and linear layer (small ones included) is stored in
+        vectors of ``dim`` weights, each a ``bits``-bit index into its layer's
+        codebook of ``2**bits`` vectors: ``bits / dim`` bits a weight (default
+        2/4: half a bit).
     train_limit: train on only this many images (for quick checks).
     threads: torch threads while the demo runs (restored after); the network
         is so small that one thread is usually fastest. None keeps torch's.
@@ -85,19 +99,27 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(Path(out), epochs, dkm_epochs, bits, seed, train_limit, plot, log)
+        return _run(Path(out), epochs, dkm_epochs, bits, dim, seed, train_limit, plot, log)
     finally:
         torch.set_num_threads(previous)
 
 
 def _run(
-    out: Path, epochs: int, dkm_epochs: int, bits: int, seed: int, train_limit: int | None, plot: bool | None, log
+    out: Path,
+    epochs: int,
+    dkm_epochs: int,
+    bits: int,
+    dim: int,
+    seed: int,
+    train_limit: int | None,
+    plot: bool | None,
+    log,
 ) -> DemoResult:
     say = log or (lambda line: None)
     show_bars = None if log is not None else False
-    policy = Policy.from_notation(
-        f"cv:{bits}/1, fc:{bits}/1", small_layer_bits=None
-    )  # a bad `bits` fails here, before training
+    notation = f"cv:{bits}/{dim}, fc:{bits}/{dim}"
+    # a bad `bits` or `dim` fails here, before training (a `dim` that divides no weight fails at registration)
+    policy = Policy.from_notation(notation, LayerSpec(tau_rel=_TAU_REL), small_layer_bits=None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = load_digits_split(seed)
@@ -111,22 +133,23 @@ def _run(
     float_seconds = time.perf_counter() - start
     float_accuracy = accuracy(model, test_x, test_y)
     say(f"float model: {_epochs(epochs)} with Adam, {float_accuracy:.2f}% test accuracy ({float_seconds:.1f} s)")
+    say(f"policy {notation}: {_rate(bits, dim)}")
 
-    # (a) DKM: register, the same training loop at a lower learning rate, finalize
+    # (a) DKM: register, the same training loop, finalize
     tuned = copy.deepcopy(model)
     start = time.perf_counter()
     register_dkm(tuned, policy)
-    fit(tuned, train_x, train_y, dkm_epochs, lr=5e-4, desc=f"DKM fine-tuning, {_bits(bits)}", enabled=show_bars)
+    fit(tuned, train_x, train_y, dkm_epochs, lr=2e-3, desc=f"DKM fine-tuning, {bits}/{dim}", enabled=show_bars)
     tuned.eval()
     dkm_model = finalize(tuned)
     dkm_seconds = time.perf_counter() - start
-    say(f"DKM: {_epochs(dkm_epochs)} of fine-tuning at {_bits(bits)} ({dkm_seconds:.1f} s)")
+    say(f"DKM: {_epochs(dkm_epochs)} of fine-tuning at {bits}/{dim} ({dkm_seconds:.1f} s)")
 
     # (b) post-training palettization of the same float model
     start = time.perf_counter()
     palettized = palettize(copy.deepcopy(model), policy)
     palettize_seconds = time.perf_counter() - start
-    say(f"palettize: k-means at {_bits(bits)}, no training ({palettize_seconds:.1f} s)")
+    say(f"palettize: k-means at {bits}/{dim}, no training ({palettize_seconds:.1f} s)")
 
     files = {
         "dkm": dkm_model.save(out / "dkm.safetensors"),
@@ -140,10 +163,10 @@ def _run(
     rows = [
         DemoRow("float32", float_accuracy, summary.bytes_before, 1.0, float_seconds),
         DemoRow(
-            f"DKM, {_bits(bits)} ({_epochs(dkm_epochs)})", dkm_accuracy, summary.bytes_after, summary.ratio, dkm_seconds
+            f"DKM, {bits}/{dim} ({_epochs(dkm_epochs)})", dkm_accuracy, summary.bytes_after, summary.ratio, dkm_seconds
         ),
         DemoRow(
-            f"palettize, {_bits(bits)} (no training)",
+            f"palettize, {bits}/{dim} (no training)",
             palettized_accuracy,
             palettized.summary().bytes_after,
             palettized.summary().ratio,
@@ -154,12 +177,52 @@ def _run(
     if plot is None:
         plot = importlib.util.find_spec("matplotlib") is not None
         if not plot:
-            say("no plot: matplotlib is not installed (pip install 'dkm-param[plots]')")
+            say(f"no plot: matplotlib is not installed ({install_hint('plots')})")
     if plot:
-        from .plots import plot_overview
+        from .plots import _save
 
-        files["plot"] = plot_overview(compressed, out / "overview.png", weights=model)
+        files["plot"] = _save(overview(rows, compressed, weights=model), out / "overview.png")
     return DemoResult(rows=rows, files=files, train_images=len(train_x), test_images=len(test_x), compressed=compressed)
+
+
+def overview(rows: list[DemoRow], compressed: dict[str, CompressedModel], weights: nn.Module | None = None):
+    """The demo's figure: the models' test accuracies, the largest layer's centroids, the sizes.
+
+    Left, a labelled bar per row; middle, the largest layer's weights with
+    both methods' centroids; right, each layer's size before and after.
+    weights: the float model, whose weights are drawn under the centroids (default: the decoded ones).
+    Returns a matplotlib Figure.
+    """
+    from .plots import _draw_layer, _draw_sizes, _figure, _size_rows
+
+    sizes = _size_rows(next(iter(compressed.values())))
+    figure = _figure(figsize=(18, 5))
+    grid = figure.add_gridspec(1, 3, width_ratios=(1, 1.4, 1))
+    _draw_accuracy(figure.add_subplot(grid[0]), rows)
+    _draw_layer(figure.add_subplot(grid[1]), compressed, None, weights, bins=80)
+    size_axes = figure.add_subplot(grid[2])
+    _draw_sizes(size_axes, sizes)
+    size_axes.set_yticks(range(len(sizes)), [_layer_label(row[0]) for row in sizes], fontsize="small")
+    size_axes.invert_yaxis()  # first layer on top
+    return figure
+
+
+def _draw_accuracy(axes, rows: list[DemoRow]) -> None:
+    colors = ("0.6", "tab:red", "tab:blue")  # the float model, then the centroids' colors of the layer plot
+    names = [row.model.replace(" (", "\n(", 1) for row in rows]
+    bars = axes.bar(range(len(rows)), [row.accuracy for row in rows], color=colors[: len(rows)])
+    axes.bar_label(
+        bars,
+        [f"{row.accuracy:.2f}%\n{row.ratio:.1f}x smaller" if row.ratio > 1 else f"{row.accuracy:.2f}%" for row in rows],
+        padding=3,
+        fontsize="small",
+    )
+    axes.axhline(10, color="0.3", linestyle=":", linewidth=1)
+    axes.set_xticks(range(len(rows)), names, fontsize="small")
+    axes.set_ylim(0, 115)  # room for the labels above 100%
+    axes.set_yticks(range(0, 101, 20))
+    axes.set_ylabel("held-out test accuracy (%)")
+    axes.set_title("test accuracy (dotted: chance, 10%)")
 
 
 def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -171,9 +234,7 @@ def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ModuleNotFoundError(
-            "the demo needs scikit-learn; install it with pip install 'dkm-param[demo]'"
-        ) from None
+        raise ModuleNotFoundError(f"the demo needs scikit-learn; install it with {install_hint('demo')}") from None
     digits = load_digits()  # shipped with scikit-learn: nothing is downloaded
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     labels = torch.tensor(digits.target)
@@ -214,8 +275,16 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def _bits(n: int) -> str:
-    return f"{n} bit" if n == 1 else f"{n} bits"
+def _rate(bits: int, dim: int) -> str:
+    """What ``bits/dim`` means, in words."""
+    per_weight = f"{bits / dim:.3g} bit" + ("" if bits == dim else "s")
+    if dim == 1:
+        return f"each weight a {bits}-bit index into 2^{bits} centroids ({per_weight} a weight)"
+    return f"each vector of {dim} weights a {bits}-bit index into 2^{bits} centroids ({per_weight} a weight)"
+
+
+def _layer_label(name: str) -> str:
+    return f"layer {name}" if name[:1].isdigit() else name  # nn.Sequential's layers are numbers
 
 
 def _epochs(n: int) -> str:

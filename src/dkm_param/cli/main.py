@@ -25,6 +25,7 @@ from .. import __version__
 from ..dkm.finalize import finalize
 from ..dkm.register import register_dkm
 from ..errors import DKMError
+from ..extras import install_hint
 from ..format import read_compressed
 from ..format.writer import write_safetensors
 from ..policy import Policy
@@ -74,12 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small CNN on scikit-learn's digits, compress it with DKM and palettize, compare",
         description="Train a small CNN on scikit-learn's 8x8 digits, compress a copy with DKM fine-tuning "
         "and another with post-training palettization, and compare test accuracy and size. "
-        "Writes both .safetensors files and a plot. Needs pip install 'dkm-param[demo]'.",
+        f"Writes both .safetensors files and a plot. Needs scikit-learn and matplotlib: {install_hint('demo')}.",
     )
     demo.add_argument("--epochs", type=_positive, default=15, help="float training epochs (default 15)")
     demo.add_argument("--dkm-epochs", type=_positive, default=4, help="DKM fine-tuning epochs (default 4)")
     demo.add_argument(
-        "--bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="bits per weight (default 2)"
+        "--bits", type=int, default=2, choices=range(1, 9), metavar="1..8",
+        help="bits of each index: a codebook of 2**bits vectors per layer (default 2)",
+    )
+    demo.add_argument(
+        "--dim", type=int, default=4, choices=(1, 2, 4),
+        help="weights per vector, each vector one index: bits/dim bits a weight (default 4: 2/4, half a bit)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed of the data split and training (default 0)")
     demo.add_argument("--out", type=Path, default=Path("dkm-demo"), help="output directory (default ./dkm-demo)")
@@ -180,6 +186,7 @@ def _demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         dkm_epochs=args.dkm_epochs,
         bits=args.bits,
+        dim=args.dim,
         seed=args.seed,
         log=None if args.quiet else print,
     )
@@ -197,7 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     if args.plot:
-        _check_writable("--plot", args.plot)
+        _check_plot(args.plot)
     compressed = read_compressed(args.file)  # validates everything first
     found = facts(args.file, compressed)
     if args.json:
@@ -241,7 +248,7 @@ def _decode(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     _check_writable("--out", args.out)
     if args.plot:
-        _check_writable("--plot", args.plot)
+        _check_plot(args.plot)
     policy = _policy(args.policy)
     torch.manual_seed(args.seed)
     model = _build_model(args.model, args.kwargs)
@@ -379,6 +386,14 @@ def _check_writable(option: str, path: Path) -> None:
         raise CommandError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
     if path.is_dir():
         raise CommandError(f"{option} {path} is a directory; give a file name")
+
+
+def _check_plot(path: Path) -> None:
+    """Fail before the work when the --plot file cannot be written or matplotlib is not installed."""
+    _check_writable("--plot", path)
+    from .plots import require_matplotlib
+
+    require_matplotlib()
 
 
 def _memory() -> int:
