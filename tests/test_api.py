@@ -39,6 +39,10 @@ PUBLIC = {
     "remove_dkm",
     "scale_temperature",
     "snapped",
+    "CoreMLExport",
+    "ExportError",
+    "export_program",
+    "to_coreml",
 }
 
 
@@ -48,7 +52,7 @@ def test_public_api_surface_is_pinned():
 
 
 def test_error_hierarchy():
-    for cls in (dp.SpecError, dp.FormatError, dp.RegistrationError, dp.SurgeryError):
+    for cls in (dp.SpecError, dp.FormatError, dp.RegistrationError, dp.SurgeryError, dp.ExportError):
         assert issubclass(cls, dp.DKMError) and issubclass(cls, ValueError)
 
 

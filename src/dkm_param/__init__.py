@@ -14,18 +14,21 @@ The main entry points:
 - ``palettize(model, policy)``: k-means once, without training.
 - ``load_compressed(path, model)``, ``read_compressed(path)``: read a file back.
 - ``cluster_filters``, ``CentripetalSGD``, ``thin``: fewer filters (C-SGD).
+- ``to_coreml``, ``export_program``, ``load_compressed(..., keep_compressed=True)``:
+  the file's codebooks and indices in Core ML, torch.export, and memory.
 
 Every public name is documented in docs/api.md of the source repository
 (generated from these docstrings); ``help(dkm_param.register_dkm)`` shows one,
 ``dkm-param --help`` the command line.
 """
 
+from .deploy import CoreMLExport, export_program, to_coreml
 from .dkm.anneal import scale_temperature, snapped
 from .dkm.codebooks import CodebookParametrization, finetune_codebooks
 from .dkm.finalize import finalize
 from .dkm.parametrization import DKMParametrization
 from .dkm.register import register_dkm, remove_dkm
-from .errors import DKMError, FormatError, RegistrationError, SpecError, SurgeryError
+from .errors import DKMError, ExportError, FormatError, RegistrationError, SpecError, SurgeryError
 from .filters.csgd import CentripetalSGD, CSGDSpec, FilterPlan, FilterRow, cluster_filters, collapse_
 from .filters.thinning import ThinReport, count_macs, thin
 from .format import CompressedLayer, CompressedModel, Summary, load_compressed, read_compressed
@@ -72,4 +75,8 @@ __all__ = [
     "read_compressed",
     "register_dkm",
     "remove_dkm",
+    "CoreMLExport",
+    "ExportError",
+    "export_program",
+    "to_coreml",
 ]

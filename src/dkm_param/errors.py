@@ -23,3 +23,7 @@ class SurgeryError(DKMError, ValueError):
 
 class ClusteringError(DKMError, ValueError):
     """k-means could not cluster a layer as asked (e.g. clusters stayed empty)."""
+
+
+class ExportError(DKMError, ValueError):
+    """A model cannot be handed to a runtime (Core ML, torch.export) as asked."""

@@ -171,6 +171,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--kwargs", default="{}", metavar="JSON", help="keyword arguments for MODEL, e.g. '{\"num_classes\": 10}'"
     )
     plan.set_defaults(command=_plan)
+
+    export = commands.add_parser(
+        "export",
+        help="write a file's model for a runtime: a Core ML package or a torch.export program",
+        description="Build MODEL, load FILE into it and write it for a runtime. coreml: convert it with "
+        "coremltools to an ML program whose clustered weights are lookup tables of the file's codebooks and "
+        "indices (converting works on Linux; running it needs macOS). torch: a torch.export program (.pt2) that "
+        "keeps codebooks and packed indices and decodes them in the graph (about the file's size).",
+    )
+    export.add_argument("runtime", choices=("coreml", "torch"), help="coreml: a .mlpackage; torch: a .pt2 program")
+    export.add_argument("file", type=Path, metavar="FILE")
+    export.add_argument("model", metavar="MODEL", help=model_help)
+    export.add_argument("--out", type=Path, required=True, metavar="PATH", help="the .mlpackage or .pt2 to write")
+    export.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="[NAME=]SHAPE[:DTYPE]",
+        help="an example input, e.g. 1x3x224x224 or input_ids=1x128:int64 (repeat for several; named ones are "
+        "passed by keyword); floats are random normal, integers ones; dtypes: " + ", ".join(_INPUT_DTYPES),
+    )
+    export.add_argument(
+        "--kwargs", default="{}", metavar="JSON", help="keyword arguments for MODEL, e.g. '{\"num_classes\": 10}'"
+    )
+    export.add_argument(
+        "--strict", action="store_true", help="coreml: fail when a clustered layer cannot be a lookup table"
+    )
+    export.set_defaults(command=_export)
     return parser
 
 
@@ -284,7 +312,67 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    suffix = ".mlpackage" if args.runtime == "coreml" else ".pt2"
+    if args.out.suffix != suffix:
+        raise CommandError(f"--out {args.out}: a {args.runtime} export is written to a path ending in {suffix}")
+    if not args.out.parent.is_dir():
+        raise CommandError(f"--out {args.out}: directory {args.out.parent} does not exist; create it first")
+    inputs = _example_inputs(args.input)
+    compressed = read_compressed(args.file)
+    model = _build_model(args.model, args.kwargs).eval()
+    if args.runtime == "coreml":
+        import warnings
+
+        from ..deploy.coreml import to_coreml
+
+        with warnings.catch_warnings():  # the layers left dense are in the report printed below
+            warnings.filterwarnings("ignore", message=".*not the file's lookup tables in the Core ML program")
+            result = to_coreml(model, compressed, inputs, path=args.out, strict=args.strict)
+        print(result)
+    else:
+        from ..deploy.export import export_program
+
+        torch.export.save(export_program(model, compressed, inputs), args.out)
+        print(f"wrote {args.out} ({format_size(args.out.stat().st_size)})")
+    return 0
+
+
 # -- inputs ------------------------------------------------------------------
+
+_INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64, "int32": torch.int32}
+
+
+def _example_inputs(specs: list[str]) -> tuple | dict:
+    """Example inputs from ``[NAME=]SHAPE[:DTYPE]`` texts: a tuple, or a dict when they are named."""
+    generator = torch.Generator().manual_seed(0)
+    named: dict[str, torch.Tensor] = {}
+    plain: list[torch.Tensor] = []
+    for spec in specs:
+        name, _, rest = spec.rpartition("=")
+        shape_text, _, dtype_name = rest.partition(":")
+        dtype = _INPUT_DTYPES.get(dtype_name or "float32")
+        try:
+            shape = tuple(int(size) for size in shape_text.split("x"))
+        except ValueError:
+            shape = ()
+        if dtype is None or not shape or min(shape) < 1:
+            raise CommandError(
+                f"--input {spec!r} is not [NAME=]SHAPE[:DTYPE]; write e.g. 1x3x224x224 or input_ids=1x128:int64 "
+                f"(dtypes: {', '.join(_INPUT_DTYPES)})"
+            )
+        if dtype.is_floating_point:
+            tensor = torch.randn(shape, generator=generator).to(dtype)
+        else:
+            tensor = torch.ones(shape, dtype=dtype)
+        if name:
+            named[name] = tensor
+        else:
+            plain.append(tensor)
+    if named and plain:
+        raise CommandError("--input: name all example inputs (NAME=SHAPE) or none of them")
+    return named if named else tuple(plain)
 
 
 def _build_model(target: str, kwargs_json: str) -> nn.Module:

@@ -1,0 +1,82 @@
+"""torch.export: programs that store clustered weights as codebooks and packed indices, decoded in the graph.
+
+The program reaches ExecuTorch the usual way, ``executorch.exir.to_edge(program).to_executorch()``:
+the decoding is core ATen operations (``index_select``, indexing, integer division and remainder,
+reshapes) that ExecuTorch's portable kernels run, and the ``.pte`` keeps the packed bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..format.model import CompressedModel, _check_fits
+from .inmemory import CompressedWeight, _check_parameters, _clustered_names, attach, copy_without_weights
+
+
+def export_program(
+    model: nn.Module, compressed: CompressedModel, example_inputs: Any, **export_kwargs: Any
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with the weights of ``compressed``, each clustered weight kept compressed.
+
+    The program holds codebooks, packed indices (uint8, as in the file), scales
+    and outliers as buffers and decodes every clustered weight inside the graph,
+    so ``torch.export.save`` writes about the file's size, and
+    ``torch.export.load(path).module()(*example_inputs)`` gives the output of the
+    model with ``compressed.load_into`` applied. ``model`` gives the architecture
+    and its mode (call ``model.eval()`` first for inference) and is not changed
+    (its clustered weights are not copied). The example inputs are not kept in
+    the program (``program.example_inputs`` is None): they can outweigh a small
+    model's weights.
+    example_inputs: a tuple of positional arguments, a dict of keyword
+        arguments, or a single tensor; export_kwargs go to ``torch.export.export``
+        (e.g. ``dynamic_shapes``).
+    Raises RegistrationError for a model that does not fit the file.
+    """
+    _check_fits(model, compressed._declared(), compressed.aliases)
+    _check_parameters(model, compressed)
+    program_model = attach(copy_without_weights(model, _clustered_names(compressed)), compressed)
+    args, kwargs = split_inputs(example_inputs)
+    program = torch.export.export(program_model, args, kwargs, **export_kwargs)
+    program.example_inputs = None  # the caller's data, often larger than a small model's weights
+    _slim_decoding_nodes(program)
+    return program
+
+
+def _slim_decoding_nodes(program: torch.export.ExportedProgram) -> None:
+    """Keep the decoding out of the saved graph's size.
+
+    Its nodes lose their Python stack traces and source functions, and their module stacks stop at
+    the module that owns the weight (the same dkm_param lines for every layer: most of a small
+    program's saved graph); the dtype assertions ``torch.export`` puts before each cast of the packed
+    bytes (uint8 buffers of the program itself) are removed.
+    """
+    qualname = CompressedWeight.__qualname__
+    graph = program.graph
+    for node in list(graph.nodes):
+        stack = node.meta.get("nn_module_stack") or {}
+        if not any(qualname in str(kind) for _, kind in stack.values()):
+            continue
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+            continue
+        for key in ("stack_trace", "torch_fn", "source_fn_stack"):
+            node.meta.pop(key, None)
+        # the stack down to the module that owns the weight, which torch.export.unflatten needs
+        node.meta["nn_module_stack"] = {
+            key: (path, kind) for key, (path, kind) in stack.items() if ".parametrizations." not in f".{path}."
+        }
+    program.graph_module.recompile()
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Positional and keyword arguments from a tuple, a dict or a single value."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}

@@ -1,0 +1,152 @@
+"""torch.export programs: packed indices stored as in the file, decoded in the graph, outputs of the snapped model."""
+
+import copy
+import dataclasses
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import dkm_param as dp
+from dkm_param.deploy import export_program
+
+POLICY = dp.Policy.from_notation("cv:4/1, fc:4/1", small_layer_bits=None)
+
+
+class Net(nn.Module):
+    """Convolutions (one with an input-layout vector codebook) and wide linear layers: mostly weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.wide = nn.Linear(8 * 6 * 6, 2048)
+        self.head = nn.Linear(2048, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.wide(torch.relu(self.bn(self.conv(x))).flatten(1))))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_the_saved_program_is_the_files_size_and_gives_the_snapped_models_outputs(tmp_path):
+    model = net()
+    policy = dp.Policy(default=None, small_layer_bits=None, kinds={"fc": dp.LayerSpec(bits=4)},
+                       overrides={"conv": dp.LayerSpec(bits=3, dim=4, layout="input", channel_scale=True)})
+    compressed = dp.palettize(model, policy, inplace=False)
+    path = compressed.save(tmp_path / "net.safetensors")
+    x = torch.randn(2, 4, 8, 8)
+    program = export_program(model, compressed, (x,))
+    torch.export.save(program, tmp_path / "net.pt2")
+    # the tensors take the file's bytes; the graph (tens of kB, most of a model this small) comes on top
+    with zipfile.ZipFile(tmp_path / "net.pt2") as archive:
+        graph = sum(i.file_size for i in archive.infolist() if i.filename.endswith("model.json"))
+    assert (tmp_path / "net.pt2").stat().st_size - graph <= 1.05 * path.stat().st_size
+    snapped = compressed.load_into(net())
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(tmp_path / "net.pt2").module()(x), snapped(x))
+    # the program stores the file's packed bytes, not decoded weights
+    stored = {**program.state_dict, **program.constants}
+    packed = load_file(str(path))
+    for name in compressed.layers:
+        owner = name.rpartition(".")[0]
+        assert torch.equal(stored[f"{owner}.parametrizations.weight.0.packed"], packed[f"{name}.indices"])
+    assert not any(t.numel() > 100 and t.is_floating_point() and t.numel() == snapped.wide.weight.numel()
+                   for t in stored.values())
+
+
+def test_the_model_is_not_changed_and_keyword_inputs_work():
+    model = net()
+    before = copy.deepcopy(model.state_dict())
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    program = export_program(model, compressed, {"x": torch.randn(1, 4, 8, 8)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert program.example_inputs is None
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x=x), compressed.load_into(net())(x))
+
+
+def test_outliers_are_decoded_in_the_graph():
+    model = net()
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    layer = compressed.layers["head.weight"]
+    index, value = torch.tensor([3, 4000, 20479]), torch.tensor([7.0, -7.0, 0.5])
+    compressed.layers["head.weight"] = dataclasses.replace(layer, outlier_index=index, outlier_value=value)
+    x = torch.randn(2, 4, 8, 8)
+    program = export_program(model, compressed, (x,))
+    snapped = compressed.load_into(net())
+    assert snapped.head.weight.reshape(-1)[index].tolist() == value.tolist()
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), snapped(x))
+
+
+def test_a_model_that_does_not_fit_is_refused():
+    compressed = dp.palettize(net(), POLICY, inplace=False)
+    with pytest.raises(dp.RegistrationError, match="missing from the file"):
+        export_program(nn.Sequential(nn.Linear(4, 4)), compressed, (torch.randn(1, 4),))
+
+
+class Weight(nn.Module):
+    """A program whose output is the decoded weight itself."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner.wide.weight + x
+
+
+def test_executorch_runs_the_decoding_bit_for_bit(tmp_path):
+    exir = pytest.importorskip("executorch.exir", reason="ExecuTorch is optional: pip install executorch")
+    runtime = pytest.importorskip("executorch.runtime")
+    model = net()
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    compressed = dataclasses.replace(compressed, layers={
+        f"inner.{name}": layer for name, layer in compressed.layers.items()
+    }, tensors={f"inner.{name}": t for name, t in compressed.tensors.items()})
+    zero = torch.zeros(())
+    program = exir.to_edge(export_program(Weight(model), compressed, (zero,))).to_executorch()
+    (tmp_path / "weight.pte").write_bytes(program.buffer)
+    method = runtime.Runtime.get().load_program(str(tmp_path / "weight.pte")).load_method("forward")
+    assert torch.equal(method.execute([zero])[0], compressed.layers["inner.wide.weight"].weight())
+
+
+NETS = """
+from torch import nn
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
+"""
+
+
+def test_the_command_line_writes_a_program(tmp_path, capsys, monkeypatch):
+    from dkm_param.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cnn_for_program.py").write_text(NETS)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
+    file = dp.palettize(model.eval(), POLICY).save(tmp_path / "cnn.safetensors")
+    base = ["export", "torch", str(file), "cnn_for_program:small_cnn", "--out"]
+    assert main([*base, str(tmp_path / "cnn.pt2"), "--input", "input=2x8x8x8"]) == 0
+    assert f"wrote {tmp_path / 'cnn.pt2'}" in capsys.readouterr().out
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(tmp_path / "cnn.pt2").module()(input=x), model(x))
+    assert main([*base, str(tmp_path / "cnn.pt"), "--input", "1x8x8x8"]) == 2
+    assert "ending in .pt2" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "cnn.pt2"), "--input", "1x8:float7"]) == 2
+    assert "is not [NAME=]SHAPE[:DTYPE]" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "cnn.pt2"), "--input", "x=1x8x8x8", "--input", "1x8"]) == 2
+    assert "name all example inputs" in capsys.readouterr().err
+    assert main(["export", "torch", str(file), "torch.nn:Sequential", "--out", str(tmp_path / "e.pt2"),
+                 "--input", "1x8x8x8"]) == 2
+    assert "not in the model: 0.bias, 0.weight" in capsys.readouterr().err
