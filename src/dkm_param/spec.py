@@ -130,7 +130,11 @@ class TrainingSpec(_Config):
     tau_rel: temperature relative to the layer's own clustering error:
         ``tau = tau_rel * mean squared distance of a vector to its nearest
         initial centroid``. It does not depend on the weight's scale; 2.0
-        matches the paper's ResNet18 temperatures at 1 to 3 bits.
+        matches the paper's ResNet18 temperatures at 1 to 3 bits. A derived
+        tau is kept below 0.4 x the temperature at which every centroid
+        would settle onto the mean (twice the vectors' largest variance
+        along one direction), which long vectors with few centroids (e.g.
+        2 bits for vectors of 4) would otherwise reach.
     max_iter: cap on the centroid iterations per training step.
     settle_iter: cap on the centroid iterations run once at registration,
         without gradient, on a summary of the weight (``ops.soft.settle``), so

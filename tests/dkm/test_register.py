@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -193,15 +194,13 @@ def test_a_float8_weight_is_skipped_by_the_plan_not_failed_in_registration():
          r"distance to the nearest centroid \(.*\) = .* underflows float32.*raise tau_rel or set tau= explicitly, "
          r"or set channel_scale=True"),
         (1.0, dp.LayerSpec(bits=2, tau_rel=1e-37), r"layer '2': .*tau_rel \(1e-37\).* underflows float32"),
-        (1e3, dp.LayerSpec(bits=2, tau_rel=1e38), r"layer '2': .*tau_rel \(1e\+38\).* overflows float32.*"
-         r"lower tau_rel"),
-        (1e20, dp.LayerSpec(bits=2), r"layer '2': the derived temperature .* cannot be computed in torch.float32: "
-         r"the squared distances of a weight reaching .* overflow to inf; scale the weight, or set channel_scale"),
+        (1e21, dp.LayerSpec(bits=2), r"layer '2': the derived temperature .* overflows float32.* the weight reaches "
+         r".*set channel_scale=True"),
         (1e-22, dp.LayerSpec(bits=2, group_size=32), r"layer '2' \(group 0 of 2\): .* underflows float32"),
         (1e2, dp.LayerSpec(bits=2, epsilon=3e38), r"layer '2': the convergence threshold epsilon \(3e\+38\) x the "
          r"weight's spread \(.*\) overflows torch.float32; lower epsilon"),
     ],
-    ids=["tiny-weight", "tiny-tau_rel", "huge-tau_rel", "huge-weight", "tiny-group", "huge-epsilon"],
+    ids=["tiny-weight", "tiny-tau_rel", "huge-weight", "tiny-group", "huge-epsilon"],
 )
 def test_a_derived_tau_float32_cannot_hold_is_refused_naming_the_layer(scale, spec, words):
     model = mlp()
@@ -210,6 +209,32 @@ def test_a_derived_tau_float32_cannot_hold_is_refused_naming_the_layer(scale, sp
     with pytest.raises(dp.RegistrationError, match=words):
         dp.register_dkm(model, dp.Policy(default=dp.LayerSpec(bits=2), overrides={"2": spec}, small_layer_bits=None))
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_a_tau_that_would_collapse_the_codebook_is_lowered_and_said():
+    # 2-bit codebooks for vectors of 4: tau_rel=2.0 x the large error passes the collapse temperature
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    vectors = model[0].weight.detach().reshape(-1, 4).double()
+    collapse = 2 * torch.linalg.eigvalsh(torch.cov(vectors.T, correction=0))[-1]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) \('0'\): tau_rel x the clustering error would pass"):
+        dp.register_dkm(model, dp.Policy.from_notation("fc:2/4", small_layer_bits=None))
+    param = model[0].parametrizations.weight[0]
+    assert param.tau_lowered and float(param.tau) == pytest.approx(0.4 * float(collapse), rel=1e-4)
+    centroids = param.codebook.double()
+    gaps = torch.cdist(centroids, centroids) + torch.eye(4, dtype=torch.float64) * 1e9
+    assert float(gaps.min()) > 0.1 * float(collapse) ** 0.5  # four centroids apart, not all on the mean
+    # scalar clustering at 2 bits is far below the limit: tau is tau_rel x the error, untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scalar = nn.Sequential(nn.Linear(64, 32))
+        dp.register_dkm(scalar, dp.Policy.from_notation("fc:2/1", small_layer_bits=None))
+    assert not scalar[0].parametrizations.weight[0].tau_lowered
+    # a huge tau_rel no longer overflows: it is lowered the same way
+    huge = nn.Sequential(nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match="tau is 0.4 x that temperature"):
+        dp.register_dkm(huge, dp.Policy(default=dp.LayerSpec(bits=2, tau_rel=1e38), small_layer_bits=None))
+    assert torch.isfinite(huge[0].parametrizations.weight[0].tau).all()
 
 
 def test_a_tiny_weight_registers_with_an_explicit_tau_or_channel_scale():

@@ -35,7 +35,8 @@ from ..spec import LayerSpec
 from ..tables import render_table
 
 # Vectors need a lower temperature than LayerSpec's default (tau_rel=2.0): at 2/4 on this network the
-# default settles every codebook onto the weights' mean at registration, and the model starts at chance.
+# default passes the temperature at which every centroid settles onto the weights' mean, and
+# register_dkm lowers it (with a warning) to 0.4 of that; the demo chooses its own, a little lower.
 _TAU_REL = 0.3
 
 

@@ -71,6 +71,7 @@ class DKMParametrization(nn.Module):
         # what tau, epsilon and settling read: the weight's distinct values and their counts
         # (exact, for a weight clustered by value), or a summary of at most SETTLE_POINTS points
         summaries = [self._summary(weight, g, v) for g, v in enumerate(live)]
+        self.tau_lowered = False  # set by _temperature where tau_rel's tau passed the collapse limit
         taus = torch.stack([self._temperature(*summary, b[self._pinned:]) for summary, b in zip(summaries, books)])
         self._check_temperatures(taus, live, books)
         spread = torch.stack([_spread(*summary) for summary in summaries])
@@ -127,7 +128,8 @@ class DKMParametrization(nn.Module):
 
     def _temperature(self, vectors: Tensor, counts: Tensor | None, codebook: Tensor) -> Tensor:
         """The group's tau: the spec's, or ``tau_rel`` times the clustering error (the centroids'
-        spacing for a weight already on its centroids); ``_check_temperatures`` vets it.
+        spacing for a weight already on its centroids), at most ``COLLAPSE_FRACTION`` of the
+        collapse temperature (``tau_lowered`` is then set); ``_check_temperatures`` vets it.
 
         vectors: points standing for the group's vectors, ``counts`` of them each (None: one)."""
         if self.spec.tau is not None:
@@ -139,6 +141,13 @@ class DKMParametrization(nn.Module):
             if (codebook == codebook[:1]).all():  # one value: nothing to tell apart, any tau serves
                 return torch.tensor(max(self.spec.tau_rel * FLOAT32_TINY, FLOAT32_TINY), dtype=vectors.dtype)
             tau = self.spec.tau_rel * _spacing(codebook)
+            return tau
+        # Few centroids for long vectors leave a large error, and tau_rel times it can pass the
+        # temperature at which every centroid settles onto the mean: keep well below it.
+        limit = (COLLAPSE_FRACTION * _collapse_temperature(vectors, counts)).to(tau.dtype)
+        if 0 < limit < tau:
+            self.tau_lowered = True  # register_dkm says so, naming the layer
+            return limit
         return tau
 
     def _check_temperatures(self, taus: Tensor, live: list[Tensor], books: Tensor) -> None:
@@ -353,6 +362,12 @@ class DKMParametrization(nn.Module):
         self._cached = None
 
 
+# A derived tau stays below this fraction of the collapse temperature (``_collapse_temperature``).
+# It leaves scalar clustering at 2 bits and more untouched (there tau_rel=2.0 gives about a tenth
+# of it) and a Gaussian layer at 1 bit too (0.36); vectors of 4 at 2 bits otherwise reach 1.6-2.3.
+COLLAPSE_FRACTION = 0.4
+
+
 def _run_eagerly_under_compile() -> None:
     """Give ``DKMParametrization.forward`` torch.compiler.disable, once, when the first one is built.
 
@@ -373,6 +388,19 @@ def _spacing(codebook: Tensor) -> Tensor:
         return codebook.new_zeros(())
     gaps = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf")).min(1).values
     return gaps[torch.isfinite(gaps) & (gaps > 0)].mean().nan_to_num(0.0) / 12
+
+
+def _collapse_temperature(vectors: Tensor, counts: Tensor | None) -> Tensor:
+    """The temperature above which soft clustering's only fixed point puts every centroid on the
+    vectors' mean: twice the largest variance along one direction (deterministic annealing's first
+    critical temperature, Rose 1998), of the points each counted ``counts`` times (None: once)."""
+    points = vectors.double()
+    weights = points.new_ones(len(points)) if counts is None else counts.double()
+    centered = points - (points * weights[:, None]).sum(0) / weights.sum()
+    if points.shape[1] == 1:
+        return 2 * (centered[:, 0] ** 2 * weights).sum() / weights.sum()
+    covariance = (centered * weights[:, None]).T @ centered / weights.sum()
+    return 2 * torch.linalg.eigvalsh(covariance)[-1]
 
 
 def _weighted_mean(values: Tensor, counts: Tensor | None) -> Tensor:

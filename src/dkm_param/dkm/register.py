@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,16 @@ def register_dkm(
             param = DKMParametrization(weight, row.spec, name=row.name, codebook=_seed(init, row), skipped=skipped)
         param.process_group = process_group
         built.append((row, param))
+    lowered = [row.name for row, param in built if param.tau_lowered]
+    if lowered:
+        shown = ", ".join(repr(name) for name in lowered[:5])
+        shown += f" and {len(lowered) - 5} more" if len(lowered) > 5 else ""
+        warnings.warn(
+            f"{len(lowered)} layer(s) ({shown}): tau_rel x the clustering error would pass the temperature at which "
+            "every centroid settles onto the mean (long vectors for few centroids), so their tau is 0.4 x that "
+            "temperature instead; set tau_rel lower, or tau= explicitly, to choose it yourself",
+            stacklevel=2,
+        )
     try:
         for row, param in built:
             for name in (row.name, *row.followers):
