@@ -28,7 +28,7 @@ from ..errors import ExportError
 from ..extras import install_hint
 from ..format.layer import CompressedLayer
 from ..format.model import CompressedModel
-from .decode import byte_digits
+from ..ops.decode import byte_digits
 from .export import split_inputs
 from .inmemory import decoded_copy
 

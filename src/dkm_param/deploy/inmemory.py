@@ -12,7 +12,7 @@ from ..errors import RegistrationError
 from ..format.layer import CompressedLayer
 from ..format.model import CompressedModel, _check_fits
 from ..ops import packing
-from .decode import byte_digits, decode_packed
+from ..ops.decode import byte_digits, decode_packed
 
 
 class CompressedWeight(nn.Module):

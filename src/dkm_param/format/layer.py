@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import FormatError, SpecError
 from ..ops import layout, packing
+from ..ops.decode import decode_packed
 from ..ops.dtypes import DTYPES, compute_dtype, is_supported
 from ..spec import StorageSpec
 
@@ -75,11 +76,15 @@ class CompressedLayer:
         return self._packed if self._packed is not None else packing.pack(self._raw, self.spec.bits)
 
     def weight(self) -> Tensor:
-        """The decoded weight, of ``shape`` and ``dtype``: the lookup, then the outliers put back."""
-        weight = layout.decode(self.codebook, self.indices, self.shape, self.dtype, self.scale, self.spec.layout)
-        if self.outlier_index is not None:
-            weight.view(-1)[self.outlier_index.long()] = self.outlier_value.to(self.dtype)
-        return weight
+        """The decoded weight, of ``shape`` and ``dtype``: the lookup, then the outliers put back.
+
+        Read from the packed indices (``ops.decode.decode_packed``): besides the weight itself, a
+        transient of about its size, never an index of four or eight bytes a weight.
+        """
+        return decode_packed(
+            self.codebook, self.packed, self.shape, self.dtype, self.spec.bits, self.scale, self.spec.layout,
+            self.outlier_index, self.outlier_value, bitcast=True,
+        )
 
     @property
     def outliers(self) -> int:

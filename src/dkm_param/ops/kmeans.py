@@ -12,6 +12,7 @@ _SEED_SAMPLE = 1 << 16
 # 1-D k-means of more values than this clusters a histogram of _BINS bins.
 _HISTOGRAM_ABOVE = 1 << 18
 _BINS = 1 << 20
+_HISTOGRAM_CHUNK = 1 << 22  # values binned at a time
 
 
 def nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
@@ -259,14 +260,20 @@ def _histogram(values: Tensor, weights: Tensor | None) -> _Sorted:
     if high <= low:
         total = values.new_tensor([float(values.numel())]) if weights is None else weights.sum()[None]
         return _Sorted(values[:1], total, presorted=True)
-    index = ((values - low) * (_BINS / (high - low))).int().clamp_(0, _BINS - 1)  # (int32: 4 bytes a value)
-    if weights is None:
-        mass = torch.bincount(index, minlength=_BINS).double()
-        sums = torch.bincount(index, weights=values, minlength=_BINS).double()
-    else:
-        w = weights.reshape(-1).to(values.dtype)
-        mass = torch.bincount(index, weights=w, minlength=_BINS).double()
-        sums = torch.bincount(index, weights=w * values, minlength=_BINS).double()
+    mass = torch.zeros(_BINS, dtype=torch.float64, device=values.device)
+    sums = torch.zeros_like(mass)
+    flat_weights = None if weights is None else weights.reshape(-1).to(values.dtype)
+    # in chunks, so that the bin indices and the weights' products take a few MiB, not the layer's size
+    for start in range(0, values.numel(), _HISTOGRAM_CHUNK):
+        chunk = values[start : start + _HISTOGRAM_CHUNK]
+        index = ((chunk - low) * (_BINS / (high - low))).int().clamp_(0, _BINS - 1)
+        if flat_weights is None:
+            mass += torch.bincount(index, minlength=_BINS)
+            sums += torch.bincount(index, weights=chunk, minlength=_BINS)
+        else:
+            w = flat_weights[start : start + _HISTOGRAM_CHUNK]
+            mass += torch.bincount(index, weights=w, minlength=_BINS)
+            sums += torch.bincount(index, weights=w * chunk, minlength=_BINS)
     full = mass > 0
     return _Sorted(sums[full] / mass[full], mass[full], presorted=True)
 

@@ -115,6 +115,20 @@ def palettize(
     return assemble(model.state_dict(), layers, aliases, plan.skipped())
 
 
+_NEAREST_CHUNK = 1 << 20  # vectors assigned at a time: the assignment's temporaries stay a few MiB
+
+
+def _nearest_bytes(vectors: Tensor, codebook: Tensor, pinned: int) -> Tensor:
+    """The index of each vector's nearest entry (after ``pinned`` entries), one byte a vector.
+
+    In chunks, so that a layer of millions of weights needs no int32 or int64 index of its own size."""
+    found = torch.empty(len(vectors), dtype=torch.uint8, device=vectors.device)
+    for start in range(0, len(vectors), _NEAREST_CHUNK):
+        chunk = kmeans.nearest(vectors[start : start + _NEAREST_CHUNK], codebook)
+        found[start : start + len(chunk)] = chunk.add_(pinned) if pinned else chunk
+    return found
+
+
 def _check_outliers(fraction: Any, by: Any, sensitivity: Mapping[str, Tensor] | None, rows: list) -> None:
     """Raise DKMError, before any work, for an outlier fraction or choice palettize cannot follow."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
@@ -303,10 +317,13 @@ def cluster_weight(
     books, indices = [], []
     pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
     for g, vectors in enumerate(groups):
-        zeros = (vectors == 0).all(1) if spec.preserve_zeros else torch.zeros(len(vectors), dtype=torch.bool)
-        fitted = ~zeros if excluded is None else ~(zeros.to(excluded.device) | excluded[g])
-        live = vectors[fitted]
-        mass = None if masses is None else masses[g][fitted]
+        zeros = (vectors == 0).all(1) if spec.preserve_zeros else None
+        if zeros is None and excluded is None:  # every vector is fitted: no masked copy of them
+            live, mass = vectors, None if masses is None else masses[g]
+        else:
+            fitted = ~(zeros if excluded is None else excluded[g] if zeros is None else zeros | excluded[g])
+            live = vectors[fitted]
+            mass = None if masses is None else masses[g][fitted]
         if mass is not None and mass.sum() <= 0:
             mass = None  # the loss ignores this group: cluster plainly
         free = spec.clusters - pinned
@@ -322,16 +339,16 @@ def cluster_weight(
         except kmeans.EmptyClusterError as exc:
             raise ClusteringError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
         codebook = codebook.to(stored).to(work.dtype)  # assign against the codebook as stored
-        found = (kmeans.nearest(vectors, codebook) + pinned).to(torch.uint8)  # one byte a vector from here on
+        found = _nearest_bytes(vectors, codebook, pinned)
         books.append(torch.cat([codebook.new_zeros(pinned, spec.dim), codebook]))
-        indices.append(torch.where(zeros.to(found.device), 0, found) if spec.preserve_zeros else found)
+        indices.append(found.masked_fill_(zeros, 0) if zeros is not None else found)
     codebook = books[0] if len(books) == 1 else torch.stack(books)
     layer = CompressedLayer(
         shape=tuple(weight.shape),
         dtype=weight.dtype,
         spec=spec,
         codebook=codebook.to(stored).cpu(),
-        indices=torch.cat(indices).to(torch.uint8).cpu(),
+        indices=(indices[0] if len(indices) == 1 else torch.cat(indices)).cpu(),
         scale=None if scale is None else scale.cpu(),
         **sparse_part(weight, outliers),
     )

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkm_param.deploy.decode import byte_digits, decode_packed
 from dkm_param.format.layer import CompressedLayer
 from dkm_param.ops import layout, packing
+from dkm_param.ops.decode import byte_digits, decode_packed
 from dkm_param.spec import StorageSpec
 from strategies import compressed_layers
 

@@ -1,7 +1,7 @@
 """Decoding a weight from its codebook and packed indices with traceable tensor operations.
 
-The same bits as ``CompressedLayer.weight`` (``ops.layout.decode``, then the
-outliers), from the file's packed bytes rather than unpacked indices, in
+The same bits as ``ops.layout.decode`` then the outliers (what the file
+defines), from the packed bytes rather than unpacked indices, in
 operations that ``torch.export`` and ``torch.compile`` trace: arithmetic,
 ``index_select``, reshapes, and no Python loop over the data. Where ``bits``
 divides 8 the packed bytes are read through a table of all 256 bytes (each
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import layout
-from ..ops.dtypes import compute_dtype
+from . import layout
+from .dtypes import compute_dtype
 
 
 def decode_packed(
