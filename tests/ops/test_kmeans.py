@@ -126,3 +126,24 @@ def test_empty_cluster_is_repaired_or_reported(monkeypatch):
     assert torch.bincount(kmeans.nearest(vectors, codebook), minlength=4).min() > 0
     with pytest.raises(kmeans.EmptyClusterError, match=r"clusters stayed empty after 0 repairs; use fewer bits"):
         kmeans.kmeans_vectors(vectors, 4, retries=0)
+
+
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=200),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_sorting_by_integer_keys_orders_floats_as_argsort_does(values, dtype):
+    tensor = torch.tensor(values, dtype=dtype)
+    assert torch.equal(tensor[kmeans._ascending(tensor)], torch.sort(tensor).values)
+
+
+@given(st.integers(min_value=2, max_value=16), seeds)
+def test_starts_run_together_give_the_best_of_running_each_alone(k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.randn(300, generator=gen), 4 + torch.rand(40, generator=gen)])
+    data = kmeans._Sorted(values, None)
+    starts = torch.stack([values[torch.randperm(len(values), generator=gen)[:k]].double() for _ in range(3)])
+    alone = [data.lloyd(start[None], 300) for start in starts]
+    together = data.lloyd(starts, 300)
+    best = min(alone, key=lambda run: run[1])
+    assert together[1] == best[1] and torch.equal(together[0], best[0])

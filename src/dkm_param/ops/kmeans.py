@@ -109,6 +109,18 @@ class EmptyClusterError(ValueError):
     """k-means could not fill every cluster, even after repairs (callers name the layer)."""
 
 
+def _ascending(values: Tensor) -> Tensor:
+    """The order that sorts finite 1-D ``values`` (an argsort): float32 and float64 by an integer key of
+    their bits that sorts the same (torch sorts integers several times faster than floats)."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}.get(values.dtype)
+    if ints is None:
+        return torch.argsort(values)
+    bits = values.contiguous().view(ints)
+    # a negative float's bits, read as an integer, grow as it does: flip all but the sign to reverse them
+    key = torch.where(bits < 0, bits ^ torch.iinfo(ints).max, bits)
+    return torch.sort(key).indices
+
+
 class _Sorted:
     """1-D values sorted once, with weighted prefix sums: any cluster's count,
     sum and squared error is then O(1), a Lloyd step O(k log n)."""
@@ -118,7 +130,7 @@ class _Sorted:
             self.x = values.double()
             w = torch.ones_like(self.x) if weights is None else weights.double()
         else:
-            order = torch.argsort(values)
+            order = _ascending(values)
             self.x = values[order].double()  # (n,)
             w = torch.ones_like(self.x) if weights is None else weights[order].double()
         zero = self.x.new_zeros(1)
@@ -131,10 +143,11 @@ class _Sorted:
         return 1 + int((self.x[1:] != self.x[:-1]).sum())
 
     def bounds(self, centroids: Tensor) -> Tensor:
-        """Start of each sorted centroid's run of values, plus n.  # (k+1,)"""
-        mids = (centroids[1:] + centroids[:-1]) / 2
-        inner = torch.searchsorted(self.x, mids, right=True)
-        return torch.cat([self._ends[:1], inner, self._ends[1:]])
+        """Start of each sorted centroid's run of values, plus n.  # (..., k+1) for (..., k)"""
+        mids = (centroids[..., 1:] + centroids[..., :-1]) / 2
+        inner = torch.searchsorted(self.x, mids.contiguous(), right=True)
+        edge = (*centroids.shape[:-1], 1)
+        return torch.cat([inner.new_zeros(edge), inner, inner.new_full(edge, self.x.numel())], -1)
 
     def cost(self, start: Tensor, stop: Tensor) -> Tensor:
         """Weighted squared error of values[start:stop] around their mean."""
@@ -144,56 +157,67 @@ class _Sorted:
         return torch.where(w > 0, sse.clamp_min(0), torch.zeros_like(sse))
 
     def step(self, centroids: Tensor, bounds: Tensor | None = None) -> Tensor:
-        """One Lloyd step from sorted ``centroids`` (whose ``bounds`` may be given):
-        each centroid moves to its cluster's mean, an empty one into the worst cluster.  # (k,) sorted"""
+        """One Lloyd step from sorted ``centroids`` (..., k) (whose ``bounds`` may be given), each row
+        on its own: each centroid moves to its cluster's mean, an empty one into the worst cluster.
+        # (..., k) sorted"""
         b = self.bounds(centroids) if bounds is None else bounds
-        w = self.s0[b[1:]] - self.s0[b[:-1]]
-        s = self.s1[b[1:]] - self.s1[b[:-1]]
+        w = self.s0[b[..., 1:]] - self.s0[b[..., :-1]]
+        s = self.s1[b[..., 1:]] - self.s1[b[..., :-1]]
         new = torch.where(w > 0, s / w.clamp_min(1e-300), centroids)
-        if (w <= 0).any():  # move each empty centroid into the worst cluster
-            sse = self.cost(b[:-1], b[1:])
-            for j in torch.nonzero(w <= 0).flatten().tolist():
-                worst = int(sse.argmax())
-                lo, hi = int(b[worst]), int(b[worst + 1])
-                new[j] = self.x[(lo + hi) // 2] if hi - lo > 1 else new[j]
-                sse[worst] = 0
-        return torch.sort(new).values
+        if (w <= 0).any():  # move each empty centroid into the worst cluster of its row
+            k = centroids.shape[-1]
+            rows, sse = new.view(-1, k), self.cost(b[..., :-1], b[..., 1:]).reshape(-1, k)
+            starts = b.reshape(-1, k + 1)
+            for row, j in torch.nonzero(w.reshape(-1, k) <= 0).tolist():
+                worst = int(sse[row].argmax())
+                lo, hi = int(starts[row, worst]), int(starts[row, worst + 1])
+                rows[row, j] = self.x[(lo + hi) // 2] if hi - lo > 1 else rows[row, j]
+                sse[row, worst] = 0
+        return torch.sort(new, -1).values
 
-    def error(self, centroids: Tensor) -> tuple[float, Tensor]:
-        """The squared error of sorted ``centroids``, and their bounds."""
+    def error(self, centroids: Tensor) -> tuple[Tensor, Tensor]:
+        """The squared error of sorted ``centroids`` (..., k), and their bounds.  # (...), (..., k+1)"""
         b = self.bounds(centroids)
-        return float(self.cost(b[:-1], b[1:]).sum()), b
+        return self.cost(b[..., :-1], b[..., 1:]).sum(-1), b
 
-    def lloyd(self, centroids: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, float]:
-        """Lloyd from ``centroids`` (k,), repairing empty clusters, accelerated by
-        SQUAREM (Varadhan and Roland, 2008: two steps extrapolated along their
-        difference, then one more, kept only where it lowers the error), until
-        the clusters stop changing or the squared error improves by less than
-        ``tol`` (relative) in a cycle. ``max_iter`` bounds the Lloyd steps."""
-        c = torch.sort(centroids.double()).values
+    def lloyd(self, starts: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, float]:
+        """Lloyd from each row of ``starts`` (S, k), repairing empty clusters, accelerated by SQUAREM
+        (Varadhan and Roland, 2008: two steps extrapolated along their difference, then one more,
+        kept only where it lowers the error), until the clusters stop changing or the squared error
+        improves by less than ``tol`` (relative) in a cycle. ``max_iter`` bounds the Lloyd steps.
+
+        The starts run together, each on its own (one that has converged is left as it is): a
+        step's few tensor operations serve every start, which is most of the cost on small layers.
+        Returns the centroids (k,) of the start with the lowest error, and that error.
+        """
+        c = torch.sort(starts.double().reshape(-1, starts.shape[-1]), -1).values
         error, b = self.error(c)
+        done = torch.zeros(len(c), dtype=torch.bool, device=c.device)
         steps = 0
-        while steps < max_iter:
+        while steps < max_iter and not bool(done.all()):
             c1 = self.step(c, b)
             c2 = self.step(c1)
             steps += 2
             r, v = c1 - c, c2 - 2 * c1 + c
-            norm = float(v.norm())
-            if norm == 0:  # a fixed point, or moving by equal steps: plain Lloyd's c2
-                c = c2
-                break
-            alpha = min(-1.0, -float(r.norm()) / norm)  # -1: plain Lloyd's c2
-            trial = self.step(torch.sort(c - 2 * alpha * r + alpha * alpha * v).values)
+            r_norm, v_norm = r.norm(dim=-1), v.norm(dim=-1)
+            fixed = v_norm == 0  # a fixed point, or moving by equal steps: plain Lloyd's c2
+            alpha = (-r_norm / torch.where(fixed, 1.0, v_norm)).clamp(max=-1.0)[:, None]  # -1: plain Lloyd's c2
+            trial = self.step(torch.sort(c - 2 * alpha * r + alpha * alpha * v, -1).values)
             steps += 1
             now, moved = self.error(trial)
             plain, plain_b = self.error(c2)
-            if plain < now:
-                trial, now, moved = c2, plain, plain_b
-            done = torch.equal(moved, b) or error - now <= tol * now
-            c, b, error = trial, moved, min(error, now)
-            if done:
-                break
-        return c, self.error(c)[0]
+            take_plain = fixed | (plain < now)
+            trial = torch.where(take_plain[:, None], c2, trial)
+            moved = torch.where(take_plain[:, None], plain_b, moved)
+            now = torch.where(take_plain, plain, now)
+            finished = fixed | (moved == b).all(-1) | (error - now <= tol * now)
+            c = torch.where(done[:, None], c, trial)
+            b = torch.where(done[:, None], b, moved)
+            error = torch.where(done, error, torch.minimum(error, now))
+            done = done | finished
+        final = self.error(c)[0]
+        best = int(final.argmin())
+        return c[best], float(final[best])
 
 
 def kmeans_1d(
@@ -216,7 +240,14 @@ def kmeans_1d(
         density-based starts under-serve them, none above.
     Returns (sorted centroids (k,), inertia).
     """
-    values = values.reshape(-1)
+    with torch.inference_mode():  # no autograd bookkeeping in the many small steps
+        centroids, error = _kmeans_1d(values.reshape(-1), k, weights, seed, restarts, max_iter)
+    return centroids.clone(), error  # a clone made out of inference mode is an ordinary tensor
+
+
+def _kmeans_1d(
+    values: Tensor, k: int, weights: Tensor | None, seed: int, restarts: int | None, max_iter: int
+) -> tuple[Tensor, float]:
     large = values.numel() > _HISTOGRAM_ABOVE
     data = _histogram(values, weights) if large else _Sorted(values, weights)
     if restarts is None:
@@ -230,8 +261,8 @@ def kmeans_1d(
         torch.randint(data.x.numel(), (min(data.x.numel(), _SEED_SAMPLE),), generator=generator).to(data.x.device)
     ]
     starts += [kmeans_plusplus(sample[:, None], k, generator)[:, 0] for _ in range(restarts)]
-    best = min((data.lloyd(start, max_iter) for start in starts), key=lambda run: run[1])
-    return best[0].to(values.dtype), best[1]
+    centroids, error = data.lloyd(torch.stack([start.double() for start in starts]), max_iter)
+    return centroids.to(values.dtype), error
 
 
 def _quantiles(data: _Sorted, levels: Tensor, power: float) -> Tensor:
