@@ -176,3 +176,23 @@ def test_install_hints_name_published_packages_and_the_extra_of_a_checkout():
     assert hint.startswith("pip install 'matplotlib>=3.7'") and 'pip install -e ".[plots]"' in hint
     assert "dkm-param[" not in hint
     assert "pip install 'scikit-learn>=1.3' 'matplotlib>=3.7' 'tqdm>=4.60'" in install_hint("demo")
+
+
+def test_the_library_works_without_numpy_and_says_what_to_coreml_needs(tmp_path):
+    # numpy and coremltools are not dependencies: blocked, the core still imports, clusters, saves and loads
+    code = (
+        "import sys; sys.modules['numpy'] = None; sys.modules['coremltools'] = None\n"
+        "import torch, dkm_param as dp\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(64, 32))\n"
+        "policy = dp.Policy.from_notation('fc:2/1', small_layer_bits=None)\n"
+        f"path = dp.palettize(model, policy).save({str(tmp_path / 'm.safetensors')!r})\n"
+        "fresh = dp.load_compressed(path, torch.nn.Sequential(torch.nn.Linear(64, 32)), keep_compressed=True)\n"
+        "assert torch.equal(fresh[0].weight, model[0].weight)\n"
+        "try:\n"
+        "    dp.to_coreml(model, dp.read_compressed(path), (torch.zeros(1, 64),))\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "to_coreml needs coremltools" in done.stdout and "pip install 'coremltools>=8'" in done.stdout

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except ModuleNotFoundError:  # not a dependency of dkm-param; coremltools brings it, and to_coreml checks for that
+    np = None
 import torch
 from torch import nn
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -179,9 +180,16 @@ def _tensors(model: CompressedModel) -> dict[str, tuple[tuple[int, ...], torch.d
 
 
 def _as_bytes(tensor: Tensor) -> memoryview:
-    """The tensor's bytes, little-endian as safetensors wants, without another copy where it is already contiguous."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    """The tensor's bytes, little-endian as safetensors wants, without another copy where it is already contiguous.
+
+    Read through ctypes, not numpy: numpy is not a dependency of dkm-param.
+    """
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    if not flat.numel():
+        return memoryview(b"")
+    raw = (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())
+    raw.owner = flat  # the tensor's memory lives as long as this view of it
+    return memoryview(raw).cast("B")
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
