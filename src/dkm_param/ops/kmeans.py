@@ -204,8 +204,8 @@ class _Sorted:
             alpha = (-r_norm / torch.where(fixed, 1.0, v_norm)).clamp(max=-1.0)[:, None]  # -1: plain Lloyd's c2
             trial = self.step(torch.sort(c - 2 * alpha * r + alpha * alpha * v, -1).values)
             steps += 1
-            now, moved = self.error(trial)
-            plain, plain_b = self.error(c2)
+            both, both_b = self.error(torch.cat([trial, c2]))  # one call for the two candidates' errors
+            now, plain, moved, plain_b = both[: len(c)], both[len(c) :], both_b[: len(c)], both_b[len(c) :]
             take_plain = fixed | (plain < now)
             trial = torch.where(take_plain[:, None], c2, trial)
             moved = torch.where(take_plain[:, None], plain_b, moved)
