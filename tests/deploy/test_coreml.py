@@ -7,6 +7,7 @@ Core ML model needs macOS.
 
 import dataclasses
 import struct
+import sys
 import warnings
 
 import numpy as np
@@ -278,3 +279,20 @@ def test_the_command_line_writes_a_core_ml_package(tmp_path, capsys, monkeypatch
     assert "'0.weight': vectors of dim=2" in capsys.readouterr().err
     assert main([*args[:5], str(tmp_path / "cnn.mlmodel"), *args[6:]]) == 2
     assert "ending in .mlpackage" in capsys.readouterr().err
+
+
+def test_the_command_line_asks_for_coremltools_before_any_work(tmp_path, capsys, monkeypatch):
+    from dkm_param.cli import main
+
+    command_line = sys.modules["dkm_param.cli.main"]
+
+    def no_work(*args):
+        raise AssertionError("the file was read before the check")
+
+    monkeypatch.setattr(command_line, "read_compressed", no_work)
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # as if it were not installed
+    out = tmp_path / "m.mlpackage"
+    assert main(["export", "coreml", str(tmp_path / "m.safetensors"), "x:y", "--out", str(out), "--input", "1x8"]) == 2
+    err = capsys.readouterr().err
+    assert "export coreml needs coremltools; install it with pip install 'coremltools>=8'" in err
+    assert not out.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -318,6 +319,8 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {args.out}: a {args.runtime} export is written to a path ending in {suffix}")
     if not args.out.parent.is_dir():
         raise CommandError(f"--out {args.out}: directory {args.out.parent} does not exist; create it first")
+    if args.runtime == "coreml" and importlib.util.find_spec("coremltools") is None:  # before any work
+        raise CommandError(f"export coreml needs coremltools; install it with {install_hint('coreml')}")
     inputs = _example_inputs(args.input)
     compressed = read_compressed(args.file)
     model = _build_model(args.model, args.kwargs).eval()
