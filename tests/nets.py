@@ -16,3 +16,11 @@ class Tied(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.relu(self.mid(self.wte(tokens))))
+
+
+def small_cnn() -> nn.Module:
+    """A conv, batch norm and linear layer on 8 x 8 x 8 inputs, seeded (the same weights every call), in eval mode."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10)
+    ).eval()

@@ -21,6 +21,7 @@ from dkm_param.deploy import to_coreml
 from dkm_param.errors import ExportError
 from dkm_param.format import CompressedLayer, assemble
 from dkm_param.ops import packing
+from nets import small_cnn
 
 ct = pytest.importorskip("coremltools", reason="Core ML export needs coremltools (the coreml extra)")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:coremltools", "ignore::FutureWarning",
@@ -183,12 +184,6 @@ def test_a_transformers_llama_is_held_as_the_files_lookup_tables(tmp_path):
     assert dense_weights(result.path, compressed) == []
 
 
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16 * 6 * 6, 10)).eval()
-
-
 X = (torch.randn(1, 8, 8, 8),)
 
 
@@ -252,26 +247,14 @@ def test_a_model_is_not_changed(tmp_path):
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-NETS = """
-import torch
-from torch import nn
-
-
-def small_cnn():
-    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
-"""
-
-
-def test_the_command_line_writes_a_core_ml_package(tmp_path, capsys, monkeypatch):
+def test_the_command_line_writes_a_core_ml_package(tmp_path, capsys):
     from dkm_param.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "cnn_for_export.py").write_text(NETS)
     policy = dp.Policy(default=None, small_layer_bits=None, kinds={"cv": dp.LayerSpec(bits=4, dim=2),
                                                                    "fc": dp.LayerSpec(bits=4)})
     file = dp.palettize(small_cnn(), policy).save(tmp_path / "cnn.safetensors")
     out = tmp_path / "cnn.mlpackage"
-    args = ["export", "coreml", str(file), "cnn_for_export:small_cnn", "--out", str(out), "--input", "1x8x8x8"]
+    args = ["export", "coreml", str(file), "nets:small_cnn", "--out", str(out), "--input", "1x8x8x8"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "1 layers as the file's lookup tables" in printed and "0.weight: vectors of dim=2" in printed

@@ -11,6 +11,7 @@ from torch import nn
 
 import dkm_param as dp
 from dkm_param.deploy import export_program
+from nets import small_cnn
 
 POLICY = dp.Policy.from_notation("cv:4/1, fc:4/1", small_layer_bits=None)
 
@@ -118,24 +119,12 @@ def test_executorch_runs_the_decoding_bit_for_bit(tmp_path):
     assert torch.equal(method.execute([zero])[0], compressed.layers["inner.wide.weight"].weight())
 
 
-NETS = """
-from torch import nn
-
-
-def small_cnn():
-    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
-"""
-
-
-def test_the_command_line_writes_a_program(tmp_path, capsys, monkeypatch):
+def test_the_command_line_writes_a_program(tmp_path, capsys):
     from dkm_param.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "cnn_for_program.py").write_text(NETS)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
-    file = dp.palettize(model.eval(), POLICY).save(tmp_path / "cnn.safetensors")
-    base = ["export", "torch", str(file), "cnn_for_program:small_cnn", "--out"]
+    model = small_cnn()
+    file = dp.palettize(model, POLICY).save(tmp_path / "cnn.safetensors")
+    base = ["export", "torch", str(file), "nets:small_cnn", "--out"]
     assert main([*base, str(tmp_path / "cnn.pt2"), "--input", "input=2x8x8x8"]) == 0
     assert f"wrote {tmp_path / 'cnn.pt2'}" in capsys.readouterr().out
     x = torch.randn(2, 8, 8, 8)

@@ -13,16 +13,9 @@ import dkm_param as dp
 from dkm_param.deploy import CompressedWeight, register_compressed
 from dkm_param.format import load_compressed
 from dkm_param.ops import packing
-from nets import Tied
+from nets import Tied, small_cnn
 
 POLICY = dp.Policy.from_notation("cv:4/1, fc:3/2", small_layer_bits=None)
-
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10)
-    ).eval()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from ..errors import ExportError
 from ..extras import install_hint
 from ..format.layer import CompressedLayer
 from ..format.model import CompressedModel
-from ..ops.decode import byte_digits
 from .export import split_inputs
 from .inmemory import decoded_copy
 
@@ -322,7 +321,7 @@ def _lookup_table(name: str, layer: CompressedLayer, perm: tuple[int, ...], valu
             "(palettize the layer without outliers to deploy it to Core ML)"
         )
     ndim = len(shape)
-    index = _index_values(layer)
+    index = layer.indices.numpy()  # (n,) uint8, unpacked from the layer's packed bytes
     if spec.layout == "input" and ndim > 2:  # vectors of input channels at one kernel position
         index = np.moveaxis(index.reshape(shape[0], *shape[2:], shape[1] // dim), -1, 1)
         axis = 1
@@ -370,22 +369,6 @@ def _lookup_table(name: str, layer: CompressedLayer, perm: tuple[int, ...], valu
             f"scales multiply in {value.dtype} in Core ML, in float32 in the file)"
         )
     return _Replacement(layer=name, indices=index, lut=lut, vector_axis=axis, scale=scale, bits=bits)
-
-
-def _index_values(layer: CompressedLayer) -> np.ndarray:
-    """The layer's indices, (n,) uint8, read from its packed bytes where it holds them packed."""
-    packed = getattr(layer, "packed", None)
-    if packed is None:
-        return layer.indices.numpy()
-    bits, count = layer.spec.bits, layer.numel // layer.spec.dim
-    data = packed.numpy()
-    if 8 % bits == 0:  # every byte's digits from a table
-        return byte_digits(bits).to(torch.uint8).numpy()[data].reshape(-1)[:count]
-    stream = np.unpackbits(data, bitorder="little")[: count * bits].reshape(count, bits)
-    index = np.zeros(count, dtype=np.uint8)
-    for bit in range(bits):
-        index |= stream[:, bit] << bit
-    return index
 
 
 def lut_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None) -> np.ndarray:

@@ -11,7 +11,6 @@ from torch.nn.utils import parametrize
 from ..errors import RegistrationError
 from ..format.layer import CompressedLayer
 from ..format.model import CompressedModel, _check_fits
-from ..ops import packing
 from ..ops.decode import byte_digits, decode_packed
 
 
@@ -38,7 +37,7 @@ class CompressedWeight(nn.Module):
         self.bits = layer.spec.bits
         self.layout = layer.spec.layout
         self.register_buffer("codebook", layer.codebook.detach().clone())
-        self.register_buffer("packed", _packed(layer))
+        self.register_buffer("packed", layer.packed.detach())  # the file's bytes
         self.register_buffer("scale", None if layer.scale is None else layer.scale.detach().clone())
         index = None if layer.outlier_index is None else layer.outlier_index.to(torch.int64)
         self.register_buffer("outlier_index", index)
@@ -58,12 +57,6 @@ class CompressedWeight(nn.Module):
         shape = "x".join(map(str, self.shape))
         return f"shape={shape}, dtype={str(self.dtype).removeprefix('torch.')}, bits={self.bits}, " \
                f"codebook={tuple(self.codebook.shape)}, layout={self.layout!r}"
-
-
-def _packed(layer: CompressedLayer) -> Tensor:
-    """The layer's indices packed as in the file (uint8): as the layer holds them where it holds them packed."""
-    packed = getattr(layer, "packed", None)
-    return packed.detach() if packed is not None else packing.pack(layer.indices, layer.spec.bits)
 
 
 def register_compressed(model: nn.Module, compressed: CompressedModel) -> nn.Module:

@@ -11,6 +11,8 @@ widths unpack eight indices at a time from a 64-bit word.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,7 +47,7 @@ def decode_packed(
     """
     work = compute_dtype(dtype)
     groups, k, dim = (1, *codebook.shape) if codebook.dim() == 2 else codebook.shape
-    count = _numel(shape) // dim
+    count = math.prod(shape) // dim
     # without a scale the lookup is the last step: the table holds the weight's own values
     book = _cast(_cast(codebook, work), dtype if scale is None else work)
     if k < 1 << bits:  # entries no index reads, so that every byte's digits have a value
@@ -122,10 +124,3 @@ def _powers(base: int, count: int, device: torch.device) -> Tensor:
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor`` in ``dtype``, with no operation (nor a node in a traced graph) when it already is."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
