@@ -38,12 +38,13 @@ from torch import nn
 
 import dkm_param as dp
 from dkm_param.ops import soft as ops_soft
+from dkm_param.ops import table as ops_table
 
 clock = time.perf_counter
 
 
 class Recorder:
-    """Times ``DKMParametrization.forward`` and counts ``soft_cluster`` iterations while active."""
+    """Times ``DKMParametrization.forward`` and counts the clustering's iterations while active."""
 
     def __init__(self):
         self.forward_s = 0.0
@@ -59,14 +60,18 @@ class Recorder:
             self.forward_s += clock() - began
             return out
 
-        def counted(*args, **kwargs):
-            out = soft_cluster(*args, **kwargs)
-            if self.active:
-                self.iterations.append(out[2])
-            return out
+        def counting(engine):
+            def counted(*args, **kwargs):
+                out = engine(*args, **kwargs)
+                if self.active:
+                    self.iterations.append(out[2])
+                return out
+
+            return counted
 
         dp.DKMParametrization.forward = timed_forward
-        ops_soft.soft_cluster = counted
+        ops_soft.soft_cluster = counting(soft_cluster)  # the parametrization calls both through their modules
+        ops_table.table_cluster = counting(ops_table.table_cluster)
 
 
 def measure(model: nn.Module, data, steps: int, warmup: int, recorder: Recorder) -> dict:

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dkm_param as dp
-from dkm_param.ops import kmeans, soft
+from dkm_param.ops import kmeans, soft, table
 from strategies import scales, specs, weights
 
 
@@ -108,11 +108,11 @@ def test_warm_start_moves_the_codebook_and_one_step_is_shared_by_all_readers():
 
 
 def test_training_steps_reuse_the_value_order_with_the_same_results():
-    # a 4-bit layer sorts its values once, and its later steps match a parametrization
-    # that starts afresh from the same state
+    # a 4-bit layer on the float32 engine (scaled per channel) sorts its values once, and its
+    # later steps match a parametrization that starts afresh from the same state
     torch.manual_seed(0)
     weight = torch.randn(128, 256).mul_(0.05).requires_grad_(True)
-    param = make(weight.detach(), dp.LayerSpec(bits=4))
+    param = make(weight.detach(), dp.LayerSpec(bits=4, channel_scale=True))
     opt = torch.optim.SGD([weight], lr=0.01)
     for _ in range(3):
         (param(weight) * torch.randn(weight.shape)).sum().backward()
@@ -120,7 +120,7 @@ def test_training_steps_reuse_the_value_order_with_the_same_results():
         opt.zero_grad()
     kept = param._orders[0].order
     assert kept is not None and kept.dtype == torch.int32 and kept.numel() == weight.numel()
-    fresh = make(weight.detach(), dp.LayerSpec(bits=4, settle_iter=0))
+    fresh = make(weight.detach(), dp.LayerSpec(bits=4, channel_scale=True, settle_iter=0))
     fresh.load_state_dict(param.state_dict())
     assert fresh._orders[0].order is None
     got, want = param(weight), fresh(weight)
@@ -144,9 +144,9 @@ def test_half_precision_weights_cluster_in_float32():
 def test_half_precision_weights_cluster_by_value_table_as_in_float32(dtype, group_size, layout):
     weight = (torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
     spec = dp.LayerSpec(bits=3, group_size=group_size, layout=layout)
-    by_value, as_float = make(weight, spec), make(weight.float(), spec)
-    torch.testing.assert_close(by_value.codebook, as_float.codebook)
-    assert by_value.by_value(weight) and not as_float.by_value(weight.float())
+    by_value, as_float = make(weight, spec), exact(make(weight.float(), spec))
+    torch.testing.assert_close(by_value.codebook, as_float.codebook, rtol=0, atol=1e-4 * float(weight.abs().max()))
+    assert by_value.by_value(weight)
     leaf, float_leaf = weight.clone().requires_grad_(), weight.float().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -162,6 +162,51 @@ def test_half_precision_weights_cluster_by_value_table_as_in_float32(dtype, grou
     (want * upstream).sum().backward()
     atol = (2e-3 + rounding) * float(float_leaf.grad.abs().max())
     torch.testing.assert_close(leaf.grad.float(), float_leaf.grad, rtol=0, atol=atol)
+
+
+def exact(param):
+    """The parametrization with its float32 groups on the float32 engine (as when no grid fits)."""
+    param._float32_engine = True
+    return param
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, None), (2, None), (3, 4)])
+def test_float32_weights_on_a_grid_stay_near_the_float32_engine(bits, group_size):
+    gen = torch.Generator().manual_seed(5)
+    shape = (16, 24, 3, 3)  # heavy-tailed (Student's t, 4 degrees of freedom), as trained weights are
+    weight = torch.randn(shape, generator=gen) / torch.randn((4, *shape), generator=gen).square().mean(0).sqrt() * 0.02
+    spec = dp.LayerSpec(bits=bits, group_size=group_size)
+    on_grid, on_engine = make(weight, spec), exact(make(weight, spec))
+    assert on_grid.by_value(weight)
+    torch.testing.assert_close(on_grid.codebook, on_engine.codebook)  # registration is the same
+    saved = []
+    leaf, engine_leaf = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = on_grid(leaf)
+    # nothing of the weight's size is kept for backward but the weight itself
+    assert all(t is leaf or t.numel() < weight.numel() for t in saved)
+    want = on_engine(engine_leaf)
+    span = float(on_engine.codebook.max() - on_engine.codebook.min())
+    torch.testing.assert_close(on_grid.codebook, on_engine.codebook, rtol=0, atol=1e-3 * span)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * span)
+    upstream = torch.randn(weight.shape, generator=gen)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    error = float((leaf.grad - engine_leaf.grad).norm() / engine_leaf.grad.norm())
+    assert error <= 2e-2
+
+
+def test_a_temperature_too_sharp_for_any_grid_takes_the_float32_engine():
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(6))
+    spec = dp.LayerSpec(bits=8, tau=1e-9, settle_iter=0)  # transitions far narrower than any grid's step
+    param, engine = make(weight, spec), exact(make(weight, spec))
+    leaf, engine_leaf = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    got, want = param(leaf), engine(engine_leaf)
+    assert table.grid_size(*torch.aminmax(weight), param.codebook, 1e-9) is None
+    assert torch.equal(got, want) and torch.equal(param.codebook, engine.codebook)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.equal(leaf.grad, engine_leaf.grad)
 
 
 def test_scaled_zero_pinned_and_vector_half_weights_take_the_float32_engine():
@@ -230,8 +275,9 @@ class _Checkpointed(nn.Module):
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 def test_activation_checkpointing_trains_as_without_it(mode, monkeypatch):
     calls = []
-    cluster = soft.soft_cluster
-    monkeypatch.setattr(soft, "soft_cluster", lambda *a, **k: calls.append(1) or cluster(*a, **k))
+    for engine, name in ((soft, "soft_cluster"), (table, "table_cluster")):
+        cluster = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _cluster=cluster, **k: calls.append(1) or _cluster(*a, **k))
     runs = {}
     for variant in (None, mode):
         torch.manual_seed(0)

@@ -64,8 +64,17 @@ def test_table_matches_reference(problem):
     assert got[0].dtype == got[3].dtype == dtype
     assert got[2] == ref[2]
     assert_near(got[1], ref[1], OUTPUT_32)
-    assert_near(got[0].float(), ref[0], OUTPUT_32 + rounding)
-    assert_near(got[3].float(), ref[3], GRADIENT_32 + rounding)
+    assert_near_rounded(got[0], ref[0], OUTPUT_32 + rounding)
+    assert_near_rounded(got[3], ref[3], GRADIENT_32 + rounding)
+
+
+def assert_near_rounded(got, want, tolerance):
+    """``assert_near`` for a result rounded to a half-precision dtype, whose subnormals
+    are one step of ``smallest_normal * eps`` apart whatever their size."""
+    finfo = torch.finfo(got.dtype)
+    scale = want.abs().max().item() if want.numel() else 0.0
+    step = finfo.smallest_normal * finfo.eps
+    torch.testing.assert_close(got.float(), want, rtol=0.0, atol=tolerance * scale + step)
 
 
 @given(problem=problems())
@@ -94,7 +103,7 @@ def test_codes_index_the_table_of_every_value_and_counts_add_up(dtype, seed, n):
     assert int((counts > 0).sum()) == distinct
 
 
-@pytest.mark.parametrize("dtype, b", [(torch.bfloat16, 4), (torch.bfloat16, 8), (torch.float16, 3)])
+@pytest.mark.parametrize("dtype, b", [(torch.bfloat16, 4), (torch.bfloat16, 8), (torch.float16, 3), (torch.float32, 4)])
 def test_autograd_keeps_the_weight_and_tables_only(dtype, b):
     n, k, max_iter = 50_000, 1 << b, 5
     values = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype).requires_grad_()
@@ -108,8 +117,9 @@ def test_autograd_keeps_the_weight_and_tables_only(dtype, b):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, _, iterations = table.table_cluster(values, codebook, tau, max_iter, 0.0)
     assert iterations == max_iter
-    distinct = int((table.value_counts(values.detach()) > 0).sum())
-    assert sum(saved) <= 2 * distinct + k  # patterns present, their counts, the first codebook
+    grid = table.value_grid(*torch.aminmax(values.detach())) if dtype == torch.float32 else None
+    distinct = int((table.value_counts(values.detach(), grid) > 0).sum())
+    assert sum(saved) <= 2 * distinct + k  # entries present, their counts, the first codebook
     out.float().sum().backward()
     assert values.grad.dtype == dtype and torch.isfinite(values.grad).all()
 
@@ -138,7 +148,90 @@ def test_a_value_held_by_many_weights_gets_each_its_share():
 
 
 def test_other_dtypes_and_max_iter_below_one_are_errors():
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
-        table.table_cluster(torch.zeros(4), torch.zeros(2, 1), 1.0, 3, 0.0)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        table.table_cluster(torch.zeros(4, dtype=torch.float64), torch.zeros(2, 1), 1.0, 3, 0.0)
     with pytest.raises(ValueError, match="max_iter"):
         table.table_cluster(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 1), 1.0, 0, 0.0)
+
+
+# float32 weights: on a grid of points between their extremes, taken to first order
+
+
+def on_finest_grid(values, codebook, tau, max_iter, epsilon):
+    """``table_cluster`` on the first grid fine enough, as the parametrization runs it; None if none is."""
+    size = table.GRID_SIZES[0]
+    while size is not None:
+        try:
+            grid = table.value_grid(*torch.aminmax(values.detach()), size)
+            return table.table_cluster(values, codebook, tau, max_iter, epsilon, grid=grid)
+        except table.GridTooCoarse as coarse:
+            assert coarse.size is None or coarse.size > size
+            size = coarse.size
+    return None
+
+
+def heavy_tailed(n, seed, freedom=4):
+    """Student's t with ``freedom`` degrees of freedom times 0.02, as trained weights spread."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) / torch.randn(freedom, n, generator=gen).square().mean(0).sqrt() * 0.02
+
+
+@given(seed=seeds, n=st.integers(1, 3000), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]),
+       size=st.sampled_from(table.GRID_SIZES))
+def test_float32_codes_land_on_the_nearest_grid_point_and_counts_add_up(seed, n, scale, size):
+    values = heavy_tailed(n, seed) * scale
+    grid = table.value_grid(*torch.aminmax(values), size)
+    codes = table.value_codes(values, grid)
+    assert codes.dtype == torch.int32 and bool(((codes >= 0) & (codes < size)).all())
+    points = table.value_table(torch.float32, values.device, grid)
+    assert points.shape == (size,) and bool((points[1:] >= points[:-1]).all())
+    # within half a step, up to float32's rounding of the values and the points
+    slack = 0.5 * float(grid.step) * (1 + 1e-3) + 4 * torch.finfo(torch.float32).eps * float(values.abs().max())
+    assert float((points[codes.long()] - values).abs().max()) <= slack
+    counts = table.value_counts(values, grid)
+    assert counts.shape == (size,) and float(counts.sum()) == n
+    half = n // 2
+    assert torch.equal(table.value_counts(values[:half], grid) + table.value_counts(values[half:], grid), counts)
+
+
+@pytest.mark.parametrize("freedom", [4, 1000])  # heavy tails, and nearly Gaussian
+@pytest.mark.parametrize("b", [2, 3, 4, 6])
+def test_float32_on_a_grid_stays_near_the_exact_reference(freedom, b):
+    values = heavy_tailed(100_000, b, freedom)
+    codebook, tau, epsilon = realistic_start(values[:, None], 1 << b)
+    _, codebook, _ = soft.soft_cluster_reference(values[:, None], codebook, tau, 10, 0.0)  # warm
+    ref = run(by_reference, values, codebook, tau, 2, 0.0)
+    got = run(on_finest_grid, values, codebook, tau, 2, 0.0)
+    assert got[0].dtype == got[3].dtype == torch.float32 and got[2] == ref[2]
+    span = float(codebook.max() - codebook.min())
+    assert float((got[1] - ref[1]).detach().abs().max()) <= 1e-3 * span
+    assert float((got[0] - ref[0]).abs().max()) <= 2e-3 * span
+    assert float((got[3] - ref[3]).norm() / ref[3].norm()) <= 1e-2
+
+
+@given(problem=problems())
+def test_float32_on_a_grid_fine_enough_is_near_the_reference(problem):
+    values = problem[0].float()
+    _, codebook, tau, max_iter, _ = problem
+    # no grid fine enough: the parametrization takes the float32 engine
+    assume(on_finest_grid(values, codebook.clone(), tau, max_iter, 0.0) is not None)
+    got = run(on_finest_grid, values, codebook, tau, max_iter, 0.0)
+    ref = run(by_reference, values, codebook, tau, max_iter, 0.0)
+    assume(all(torch.isfinite(t).all() for t in (ref[0], ref[1], ref[3])))
+    scale = float(values.abs().max())
+    assert float((got[1] - ref[1]).abs().max()) <= 1e-2 * scale
+    assert float((got[0] - ref[0]).abs().max()) <= 1e-2 * scale
+    assert torch.isfinite(got[3]).all()
+
+
+def test_a_grid_too_coarse_for_the_temperature_is_refused_with_the_size_needed():
+    values = heavy_tailed(20_000, 0)
+    codebook, tau, _ = realistic_start(values[:, None], 16)
+    grid = table.value_grid(*torch.aminmax(values))
+    table.table_cluster(values, codebook, tau, 2, 0.0, grid=grid)  # fine at the usual temperature
+    with pytest.raises(table.GridTooCoarse) as sharper:
+        table.table_cluster(values.requires_grad_(), codebook, tau / 50, 2, 0.0, grid=grid)
+    assert table.GRID_SIZES[0] < sharper.value.size <= table.GRID_SIZES[1]
+    with pytest.raises(table.GridTooCoarse) as hopeless:
+        table.table_cluster(values, codebook, tau * 1e-8, 2, 0.0, grid=grid)
+    assert hopeless.value.size is None

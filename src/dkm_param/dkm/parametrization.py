@@ -27,13 +27,18 @@ class DKMParametrization(nn.Module):
     Raises RegistrationError when a temperature derived with ``tau_rel``, or
     the threshold, does not fit float32 (it would be 0 or inf).
 
-    A bfloat16 or float16 weight in one dimension (not scaled per channel,
-    no zeros pinned) is clustered by value table (``ops.table``, eDKM): no
-    float32 copy of it, and nothing of its size kept but the soft weight.
-    Other weights take the float32 engine (``ops.soft``), exact to float32's
-    rounding, where each group also keeps the order in which its values were
-    last grouped (``soft.OrderCache``, 4 bytes a weight, not in
-    ``state_dict``), so that a training step does not sort them anew.
+    A bfloat16, float16 or float32 weight in one dimension (not scaled per
+    channel, no zeros pinned) is clustered by value table (``ops.table``,
+    eDKM): a half-precision weight by its distinct values, exactly; a float32
+    one on a grid of evenly spaced points between its extremes, each weight's
+    soft value and slope taken to first order from its grid point (the grid
+    is refined, or the layer handed to the float32 engine, when the
+    temperature is too sharp for it). No float32 copy of the weight, and
+    nothing of its size kept but the soft weight. Other weights take the
+    float32 engine (``ops.soft``), exact to float32's rounding, where each
+    group also keeps the order in which its values were last grouped
+    (``soft.OrderCache``, 4 bytes a weight, not in ``state_dict``), so that a
+    training step does not sort them anew.
 
     One training-mode result is reused while neither the weight nor the
     codebook changed and its backward has not run, so a weight read several
@@ -120,7 +125,8 @@ class DKMParametrization(nn.Module):
         spec = self.spec
         if self.by_value(weight):
             values = layout.grouped_vectors(weight.detach(), 1, spec.group_size, None, spec.layout)[group, :, 0]
-            _, distinct, counts = table.distinct_values(weight.dtype, table.value_counts(values))
+            grid = None if weight.dtype in table.HALF_DTYPES else table.value_grid(*torch.aminmax(values))
+            _, distinct, counts = table.distinct_values(weight.dtype, table.value_counts(values, grid), grid)
             return distinct[:, None], counts
         if spec.dim == 1 and len(vectors):
             return soft.summary(vectors, soft.SETTLE_POINTS, spec.seed)
@@ -266,9 +272,9 @@ class DKMParametrization(nn.Module):
         _run_eagerly_under_compile()  # an unpickled one was not built by __init__
 
     def by_value(self, weight: Tensor) -> bool:
-        """Whether the weight is clustered by value table (``ops.table``): a bfloat16 or
-        float16 weight in one dimension, neither scaled per channel nor with zeros pinned."""
-        return weight.dtype in table.HALF_DTYPES and self.spec.dim == 1 and self.scale is None and self.zeros is None
+        """Whether the weight is clustered by value table (``ops.table``): a bfloat16, float16
+        or float32 weight in one dimension, neither scaled per channel nor with zeros pinned."""
+        return weight.dtype in table.TABLE_DTYPES and self.spec.dim == 1 and self.scale is None and self.zeros is None
 
     def _soft_weight(self, weight: Tensor) -> Tensor:
         """The soft-clustered weight, advancing the warm-started codebook."""
@@ -301,25 +307,58 @@ class DKMParametrization(nn.Module):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         for g, (vectors, book) in enumerate(zip(groups, self.books())):
-            values = vectors[:, 0]
-            soft_values, updated, _ = table.table_cluster(
-                values, book, float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g]),
-                counts=self._value_counts(values.detach()),
-            )
+            soft_values, updated = self._table_group(g, vectors[:, 0], book)
             softs.append(soft_values[:, None])
             books.append(updated)
         return self._assemble(weight, softs, books)
 
-    def _value_counts(self, values: Tensor) -> Tensor:
+    def _table_group(self, g: int, values: Tensor, book: Tensor) -> tuple[Tensor, Tensor]:
+        """One group's soft values and updated codebook by value table. A float32 group is
+        counted on a grid as fine as its temperature needs (``table.grid_size``), and takes the
+        float32 engine when no grid is fine enough."""
+        tau, max_iter, epsilon = float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
+        if values.dtype in table.HALF_DTYPES:
+            counts = self._value_counts(values.detach())
+            return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts)[:2]
+        low, high = self._extremes(values.detach())
+        size = None if self._float32_engine else table.grid_size(low, high, book, tau)
+        if size is not None and not _grid_pays(values.numel(), size, self.spec.bits):
+            size = None
+        while size is not None:
+            grid = table.value_grid(low, high, size)
+            counts = self._value_counts(values.detach(), grid)
+            try:
+                return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts, grid=grid)[:2]
+            except table.GridTooCoarse as coarse:  # the iterations moved the centroids closer
+                size = coarse.size
+        out, updated, _ = soft.soft_cluster(values[:, None], book.clone(), tau, max_iter, epsilon,
+                                            order_cache=self._orders[g])
+        return out[:, 0], updated
+
+    # float32 weights on the float32 engine, whatever the temperature (for comparing with it)
+    _float32_engine = False
+
+    def _extremes(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The values' least and greatest, taken across the ``process_group``'s ranks."""
+        low, high = torch.aminmax(values)
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            extremes = torch.stack([-low, high])
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.process_group)
+            low, high = -extremes[0], extremes[1]
+        return low, high
+
+    def _value_counts(self, values: Tensor, grid: table.Grid | None = None) -> Tensor:
         """``table.value_counts`` of the values: with a ``process_group``, each rank counts its
         slice and the counts are summed across the group (whole numbers: exactly the count of all)."""
         group = self.process_group
         if group is None:
-            return table.value_counts(values)
+            return table.value_counts(values, grid)
         import torch.distributed as dist
 
         rank, ranks, n = dist.get_rank(group), dist.get_world_size(group), values.numel()
-        counts = table.value_counts(values[rank * n // ranks : (rank + 1) * n // ranks])
+        counts = table.value_counts(values[rank * n // ranks : (rank + 1) * n // ranks], grid)
         dist.all_reduce(counts, group=group)
         return counts
 
@@ -366,6 +405,17 @@ class DKMParametrization(nn.Module):
 # It leaves scalar clustering at 2 bits and more untouched (there tau_rel=2.0 gives about a tenth
 # of it) and a Gaussian layer at 1 bit too (0.36); vectors of 4 at 2 bits otherwise reach 1.6-2.3.
 COLLAPSE_FRACTION = 0.4
+
+
+def _grid_pays(n: int, size: int, bits: int) -> bool:
+    """Whether clustering ``n`` float32 weights on a grid of ``size`` points is expected to be
+    faster than the float32 engine: the grid's fixed cost and its attention, at most
+    ``min(n, size)`` points by ``2**bits`` centroids, against the engine's cost a weight, which
+    grows with the bits (both in nanoseconds, fitted on a 2-core CPU; a layer where it misses
+    is a small one, where either is quick)."""
+    grid = 2_000 + 10 * n + 10 * min(n, size) * (1 << bits)
+    engine = 800 + (8 + 7 * bits) * n
+    return grid < engine
 
 
 def _run_eagerly_under_compile() -> None:

@@ -1,4 +1,4 @@
-"""DKM on the distinct values of a half-precision weight (eDKM): one table entry per value.
+"""DKM on a table of a one-dimensional weight's values (eDKM): one entry per value or grid point.
 
 A bfloat16 or float16 weight holds at most 65,536 distinct values, and in one
 dimension the attention, the soft value and its derivative are functions of
@@ -7,10 +7,21 @@ values ``u`` (U,) weighted by their counts ``c``, the soft weight is a lookup
 of the soft table by each weight's bit pattern, and backward accumulates the
 weight's gradient into the table (a scatter-add) and reads it back with one
 more lookup. Memory beyond the soft weight itself is O(table), and the
-per-weight work is a few passes over the weight whatever the bits.
+per-weight work is a few passes over the weight whatever the bits. The
+results are ``soft_cluster_reference``'s on the weight cast to float32 (the
+same iterations, the sums grouped by value), computed in float32.
 
-The results are ``soft_cluster_reference``'s on the weight cast to float32
-(the same iterations, the sums grouped by value), computed in float32.
+A float32 weight is tabled on a grid of evenly spaced points between its
+extremes (``value_grid``, 4,096 to 1,048,576 of them, as the temperature needs): each weight counts at its
+nearest point ``u``, the iterations run on the points, and each weight's
+soft value and slope are taken to first order from its point's,
+``s(w) = s(u) + (w - u) s'(u)`` and ``s'(w) = s'(u) + (w - u) s''(u)``. The
+grid is fine enough when its half-step is small against the width of the
+sharpest transition between centroids (``GRID_TOLERANCE``); otherwise
+``table_cluster`` raises GridTooCoarse with the size that would be, before
+forming any result. Rounding the weights to the points moves the codebook by
+about a ten-thousandth of its span; the soft values and their slope stay
+within about a percent of the exact ones (``tests/ops/test_table.py``).
 
 Backward: with ``L = sum_i g_i s(w_i)``, ``G_v`` the sum of ``g_i`` over the
 weights holding value ``v`` and ``s`` depending on ``u`` directly (through the
@@ -19,71 +30,128 @@ last attention) and through the codebooks,
     dL/dw_i = g_i a_v + (dL/du_v through the codebooks) / c_v,
 
 ``a_v = ds/du`` with the codebooks held, which is ``2 / tau`` times the
-covariance, under the last attention, of the last two codebooks; the second
-term is one autograd pass over the table's unrolled iterations (each weight
-of a value moves the codebooks by ``1 / c_v`` of what moving them all does).
+covariance, under the last attention, of the last two codebooks (at ``w_i``
+itself for a float32 weight, to first order); the second term is one
+autograd pass over the table's unrolled iterations (each weight of a value
+moves the codebooks by ``1 / c_v`` of what moving them all does).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "HALF_DTYPES", "TABLE_SIZE", "distinct_values", "table_cluster", "value_codes", "value_counts", "value_table",
+    "GRID_SIZES", "HALF_DTYPES", "TABLE_DTYPES", "TABLE_SIZE", "Grid", "GridTooCoarse", "distinct_values",
+    "grid_size", "table_cluster", "value_codes", "value_counts", "value_grid", "value_table",
 ]
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# entries of a table over every 16-bit pattern
+TABLE_DTYPES = (*HALF_DTYPES, torch.float32)
+# entries of a half-precision weight's table (every 16-bit pattern), and the fewest and most
+# points of a float32 weight's grid
 TABLE_SIZE = 1 << 16
+GRID_SIZES = (1 << 12, 1 << 20)
+# a float32 weight's grid is fine enough when its half-step is at most this fraction of the
+# width of the sharpest transition between centroids (the soft values' slope is then within
+# about a percent of the exact one)
+GRID_TOLERANCE = 0.05
 # weights read or written per pass: temporaries of a few MiB stay in cache and are reused
 # from pass to pass (larger ones cost page faults and cache misses: twice the time)
 _PASS = 1 << 19
-# table rows per chunk of an iteration's attention
-_ROWS_ELEMENTS = 1 << 20
+T = TypeVar("T")
+# attention elements per chunk of the table (4 MiB in float32)
+_CHUNK_ELEMENTS = 1 << 20
 
 
-def value_codes(values: Tensor) -> Tensor:
-    """Each half-precision value's bit pattern, 0 to 65,535: its entry in the table.  # (n,) int32"""
-    return values.view(torch.int16).to(torch.int32).bitwise_and_(TABLE_SIZE - 1)
+@dataclass(frozen=True)
+class Grid:
+    """A float32 weight's table: ``size`` points from ``low``, ``step`` apart (0-d float32 tensors)."""
+
+    low: Tensor
+    step: Tensor
+    size: int
 
 
-def value_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every value a 16-bit ``dtype`` can hold, in float32, indexed by bit pattern.  # (65536,)"""
-    codes = torch.arange(TABLE_SIZE, dtype=torch.int32, device=device).to(torch.int16)
-    return codes.view(dtype).float()
+class GridTooCoarse(Exception):
+    """``table_cluster`` on a float32 weight whose grid is too coarse for the temperature:
+    count again on ``size`` points (``None``: more than ``GRID_SIZES`` allows; use the
+    float32 engine)."""
+
+    def __init__(self, size: int | None):
+        super().__init__(f"the grid needs {size} points" if size else "no grid is fine enough")
+        self.size = size
 
 
-def value_counts(values: Tensor) -> Tensor:
-    """How many of ``values`` (half precision) hold each bit pattern, in float32.  # (65536,)
+def value_grid(low: Tensor, high: Tensor, size: int = TABLE_SIZE) -> Grid:
+    """The grid of ``size`` evenly spaced points from a float32 weight's least value to its
+    greatest. Ranks that share the extremes of their slices (an all-reduce) share one grid."""
+    low, high = low.detach().float(), high.detach().float()
+    step = ((high - low) / (size - 1)).clamp_min(torch.finfo(torch.float32).tiny)
+    return Grid(low, step, size)
+
+
+def value_codes(values: Tensor, grid: Grid | None = None) -> Tensor:
+    """Each value's entry in the table: a half-precision value's bit pattern (0 to 65,535),
+    a float32 value's nearest point of ``grid`` (``value_grid``).  # (n,) int32"""
+    if grid is None:
+        return values.view(torch.int16).to(torch.int32).bitwise_and_(TABLE_SIZE - 1)
+    scale = 1.0 / grid.step
+    # 0.5 + (v - low) / step in one pass; truncating it (it is >= 0) gives the nearest point
+    scaled = torch.addcmul(0.5 - grid.low * scale, values, scale).clamp_(0, grid.size - 1)
+    return scaled.to(torch.int32)
+
+
+def value_table(dtype: torch.dtype, device: torch.device, grid: Grid | None = None) -> Tensor:
+    """The value of every entry, in float32: each 16-bit pattern of ``dtype``, or each point
+    of ``grid``.  # (entries,)"""
+    if grid is None:
+        return torch.arange(TABLE_SIZE, dtype=torch.int32, device=device).to(torch.int16).view(dtype).float()
+    return torch.arange(grid.size, dtype=torch.float32, device=device).mul_(grid.step).add_(grid.low)
+
+
+def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
+    """How many of ``values`` fall on each entry (``value_codes``), in float32.  # (entries,)
 
     Counts of slices of one weight add up to the weight's: ranks that each
-    count a slice and sum the counts (an all-reduce) share one table.
+    count a slice on one grid and sum the counts (an all-reduce) share one table.
     """
-    counts = values.new_zeros(TABLE_SIZE, dtype=torch.float32)
-    flat = values.reshape(-1)
-    for start in range(0, flat.numel(), _PASS):
-        counts += torch.bincount(value_codes(flat[start : start + _PASS]), minlength=TABLE_SIZE)
+    size, flat = _entries(grid), values.reshape(-1)
+    counts = values.new_zeros(size, dtype=torch.float32)
+    for part in _each_pass(flat.numel(), lambda a, b: torch.bincount(value_codes(flat[a:b], grid), minlength=size)):
+        counts += part
     return counts
 
 
 def table_cluster(
-    values: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float, counts: Tensor | None = None
+    values: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float,
+    counts: Tensor | None = None, grid: Grid | None = None,
 ) -> tuple[Tensor, Tensor, int]:
-    """``soft_cluster`` for a one-dimensional half-precision weight, by value table.
+    """``soft_cluster`` for a one-dimensional weight, by value table.
 
-    values: (n,) bfloat16 or float16; codebook: (k, 1) float32, detached.
-    counts: ``value_counts(values)`` if the caller has it (summed across ranks).
+    values: (n,) bfloat16, float16 or float32; codebook: (k, 1) float32, detached.
+    grid: a float32 weight's ``value_grid``, on ``grid_size`` points (None: on
+    ``TABLE_SIZE`` points).
+    counts: ``value_counts(values, grid)`` if the caller has it (summed across ranks).
     Returns ``(soft values (n,) in values' dtype, final codebook (k, 1), iterations run)``.
-    Raises ValueError for another dtype or ``max_iter < 1``.
+    Raises ValueError for another dtype or ``max_iter < 1``, and GridTooCoarse when a
+    float32 weight's grid is too coarse for ``tau`` (before any result is formed).
     """
-    if values.dtype not in HALF_DTYPES:
-        raise ValueError(f"table_cluster needs bfloat16 or float16 values, got {values.dtype}")
+    if values.dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_cluster needs bfloat16, float16 or float32 values, got {values.dtype}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    if values.dtype in HALF_DTYPES:
+        grid = None
+    elif grid is None:
+        grid = value_grid(*torch.aminmax(values.detach()))
     if counts is None:
-        counts = value_counts(values.detach())
-    args = (codebook.float(), counts.float(), float(tau), int(max_iter), float(epsilon))
+        counts = value_counts(values.detach(), grid)
+    args = (codebook.float(), counts.float(), grid, float(tau), int(max_iter), float(epsilon))
     with torch.autocast(values.device.type, enabled=False):
         if torch.is_grad_enabled() and values.requires_grad:
             return _TableCluster.apply(values, *args)
@@ -92,90 +160,213 @@ def table_cluster(
             return soft, books[-1][:, None], len(books) - 1
 
 
-def distinct_values(dtype: torch.dtype, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """From ``value_counts``: the bit patterns present, their values and their counts.  # (U,) each"""
+def distinct_values(dtype: torch.dtype, counts: Tensor, grid: Grid | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """From ``value_counts``: the entries present, their values and their counts.  # (U,) each"""
     present = counts.nonzero()[:, 0]
-    return present, value_table(dtype, counts.device)[present], counts[present]
+    return present, value_table(dtype, counts.device, grid)[present], counts[present]
 
 
-def _run(values: Tensor, codebook: Tensor, counts: Tensor, tau: float, max_iter: int, epsilon: float):
-    """The forward: ``(soft values (n,), codebooks [C_0 .. C_T] (k,) each, patterns present, their counts)``."""
-    present, points, weights = distinct_values(values.dtype, counts)
-    books = _iterate(points, weights, codebook, tau, max_iter, epsilon)
-    soft = _soft(points, books[-2], books[-1], tau)
-    return _lookup(values, _spread(soft, present), values.dtype), books, present, weights
+def _entries(grid: Grid | None) -> int:
+    return TABLE_SIZE if grid is None else grid.size
 
 
-def _spread(table: Tensor, present: Tensor) -> Tensor:
-    """A (U,) table over the patterns present as a (65536,) table over all."""
-    return table.new_zeros(TABLE_SIZE).index_copy_(0, present, table)
+def _run(values: Tensor, codebook: Tensor, counts: Tensor, grid: Grid | None, tau: float, max_iter: int,
+         epsilon: float):
+    """The forward: ``(soft values (n,), codebooks [C_0 .. C_T] (k,) each, entries present, their counts)``."""
+    present, points, weights = distinct_values(values.dtype, counts, grid)
+    if grid is not None:
+        _check_grid(grid, codebook[:, 0], tau, points)
+    books, attention = _iterate(points, weights, codebook, tau, max_iter, epsilon)
+    if grid is None:  # each weight is its table entry's value
+        (soft,) = _moments(points, books[-2], books[-1], tau, 1, attention)
+        return _lookup(values, _spread(soft, present, TABLE_SIZE), values.dtype), books, present, weights
+    _check_grid(grid, books[-2], tau, points)  # the centroids attended to have moved
+    soft, slope = _moments(points, books[-2], books[-1], tau, 2, attention)
+    # a float32 weight lies within half a step of its grid point u: s(w) to first order,
+    # s(u) + (w - u) s'(u) = (s - u s')[entry] + w s'[entry]
+    line = (_spread(soft - points * slope, present, grid.size), _spread(slope, present, grid.size))
+    return _lookup_line(values, *line, grid), books, present, weights
+
+
+def grid_size(low: Tensor, high: Tensor, codebook: Tensor, tau: float) -> int | None:
+    """The fewest points, a power of two in ``GRID_SIZES``, of a grid from ``low`` to ``high`` fine
+    enough for ``codebook`` (k, 1) at ``tau`` wherever weights might lie, with a factor 2 to
+    spare (None: more than ``GRID_SIZES[1]``). A function of its arguments alone, so that a
+    training step resumed from a checkpoint counts on the same grid."""
+    step = (high.detach().float() - low.detach().float()) / (GRID_SIZES[0] - 1)
+    ratio = _grid_ratio(low, high, step, codebook[:, 0].float(), tau, None)
+    return _size_for(GRID_SIZES[0], ratio)
+
+
+def _size_for(size: int, ratio: float) -> int | None:
+    """Points for a grid whose ``size`` points gave ``ratio``, to reach half of ``GRID_TOLERANCE``."""
+    if not math.isfinite(ratio):
+        return None
+    wanted = size * ratio / (GRID_TOLERANCE / 2)
+    enough = max(GRID_SIZES[0], 1 << max(0, math.ceil(math.log2(max(wanted, 1.0)))))
+    return enough if enough <= GRID_SIZES[1] else None
+
+
+def _grid_ratio(low: Tensor, high: Tensor, step: Tensor, attend: Tensor, tau: float, points: Tensor | None) -> float:
+    """The half-step over the width of the sharpest transition between neighbouring centroids
+    that has weights near it, ``tau / (2 gap)`` for neighbours ``gap`` apart (the attention
+    between them turns by a factor e over that distance). points: the grid points present,
+    ascending (None: any point from ``low`` to ``high`` may be)."""
+    ordered = attend.sort().values
+    gaps, middles = ordered[1:] - ordered[:-1], (ordered[1:] + ordered[:-1]) / 2
+    if not len(gaps):
+        return 0.0
+    # a weight farther than 8 widths from a transition sees under e^-8 of its slope, whatever the step
+    reach = 8 * tau / (2 * gaps).clamp_min(torch.finfo(gaps.dtype).tiny) + step
+    if points is None:
+        near = (middles + reach >= low) & (middles - reach <= high)
+    else:
+        first = torch.searchsorted(points, middles - reach)  # the first point at or past each window's start
+        near = (first < len(points)) & (points[first.clamp_max(len(points) - 1)] <= middles + reach)
+    return float(step * torch.where(near, gaps, 0).max() / tau)
+
+
+def _check_grid(grid: Grid, attend: Tensor, tau: float, points: Tensor) -> None:
+    """Raise GridTooCoarse unless the grid's half-step is within ``GRID_TOLERANCE`` of the width of
+    every transition with weights near it. points: the grid points present, ascending."""
+    high = grid.low + grid.step * (grid.size - 1)
+    ratio = _grid_ratio(grid.low, high, grid.step, attend, tau, points)
+    if not ratio <= GRID_TOLERANCE:  # NaN too
+        finer = _size_for(grid.size, ratio)
+        raise GridTooCoarse(finer if finer is not None and finer > grid.size else None)
+
+
+def _spread(table: Tensor, present: Tensor, size: int) -> Tensor:
+    """A (U,) table over the entries present as a (size,) table over all."""
+    return table.new_zeros(size).index_copy_(0, present, table)
 
 
 def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     """``table[code(v)]`` for each value, in ``dtype``, pass by pass.  # (n,)"""
     flat, table = values.reshape(-1), table.to(dtype)
     out = torch.empty(flat.shape, dtype=dtype, device=values.device)
-    for start in range(0, flat.numel(), _PASS):
-        stop = start + _PASS
-        torch.index_select(table, 0, value_codes(flat[start:stop]), out=out[start:stop])
+    _each_pass(flat.numel(), lambda a, b: torch.index_select(table, 0, value_codes(flat[a:b]), out=out[a:b]))
     return out
 
 
+def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Tensor:
+    """``base[code(v)] + v * slope[code(v)]`` for each float32 value, pass by pass.  # (n,)"""
+    flat = values.reshape(-1)
+    out = torch.empty_like(flat)
+
+    def work(a: int, b: int) -> None:
+        codes = value_codes(flat[a:b], grid)
+        torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(base.index_select(0, codes))
+
+    _each_pass(flat.numel(), work)
+    return out
+
+
+def _each_pass(n: int, work: Callable[[int, int], T]) -> list[T]:
+    """``work(start, stop)`` for each pass of ``_PASS`` values over ``n``, without gradient;
+    the results in order."""
+    with torch.no_grad():
+        return [work(start, min(start + _PASS, n)) for start in range(0, n, _PASS)]
+
+
+def _columns(centroids: int) -> int:
+    """Table entries per chunk of an attention over ``centroids`` centroids."""
+    return max(1, _CHUNK_ELEMENTS // max(1, centroids))
+
+
 def _attention(points: Tensor, centroids: Tensor, tau: float) -> Tensor:
-    """``softmax(-(u - c)^2 / tau)`` over the centroids.  # (U, k)"""
-    return torch.softmax((points[:, None] - centroids[None, :]).pow(2).div(-tau), dim=1)
+    """``softmax(-(u - c)^2 / tau)`` over the centroids, laid out centroids by points.  # (k, U)
+
+    Each centroid's row is contiguous: softmax over a short inner dimension (a
+    few centroids) is several times slower than these whole-row passes.
+    """
+    gaps = centroids[:, None] - points[None, :]
+    if gaps.requires_grad:  # out of place, for autograd (the shift is a constant to softmax)
+        logits = gaps.square().mul(-1.0 / tau)
+        shifted = _flushed_exp(logits - logits.detach().amax(0, keepdim=True), inplace=False)
+        return shifted / shifted.sum(0, keepdim=True)
+    logits = gaps.square_().mul_(-1.0 / tau)
+    shifted = _flushed_exp(logits.sub_(logits.amax(0, keepdim=True)), inplace=True)
+    return shifted.div_(shifted.sum(0, keepdim=True))
 
 
-def _update(points: Tensor, weights: Tensor, centroids: Tensor, tau: float) -> Tensor:
-    """One centroid iteration on weighted points: ``c_j = sum_v c_v A_vj u_v / sum_v c_v A_vj``.  # (k,)"""
-    rows = max(1, _ROWS_ELEMENTS // max(1, centroids.numel()))
-    mass, moment = centroids.new_zeros(centroids.shape), centroids.new_zeros(centroids.shape)
-    for start in range(0, points.numel(), rows):
-        attn = _attention(points[start : start + rows], centroids, tau) * weights[start : start + rows, None]
-        mass = mass + attn.sum(0)
-        moment = moment + points[start : start + rows] @ attn
+# exp of a logit below this is under float32's smallest normal number: taken as 0
+_LEAST_LOGIT = -87.0
+
+
+def _flushed_exp(logits: Tensor, inplace: bool) -> Tensor:
+    """``exp(logits)`` with results below float32's normal range (under e^-87) set to 0.
+
+    On the CPU an exp whose result is subnormal, or underflows, takes tens of
+    times as long as any other: a sharp attention is mostly such entries. They
+    are worth under 1e-37 of the nearest centroid's entry, which is 1.
+    """
+    clamped = logits.clamp_(min=_LEAST_LOGIT) if inplace else logits.clamp(min=_LEAST_LOGIT)
+    powers = clamped.exp_() if inplace else clamped.exp()
+    return torch.nn.functional.threshold(powers, 2 * math.exp(_LEAST_LOGIT), 0.0, inplace=inplace)
+
+
+def _update(points: Tensor, weights: Tensor, centroids: Tensor, tau: float, keep: bool = False):
+    """One centroid iteration on weighted points: ``c_j = sum_v c_v A_vj u_v / sum_v c_v A_vj``.
+
+    Returns ``(centroids (k,), the attention (k, U) if keep and it fits one chunk, else None)``.
+    """
+    cols = _columns(centroids.numel())
+    weighted = points * weights
+    mass, moment, attention = 0, 0, None
+    for start in range(0, points.numel(), cols):
+        attention = _attention(points[start : start + cols], centroids, tau)
+        mass = mass + attention @ weights[start : start + cols]
+        moment = moment + attention @ weighted[start : start + cols]
     moved = moment / mass.clamp_min(torch.finfo(mass.dtype).tiny)
-    return torch.where(mass > 0, moved, centroids)
+    return torch.where(mass > 0, moved, centroids), attention if keep and points.numel() <= cols else None
 
 
-def _iterate(points: Tensor, weights: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float) -> list:
-    """The codebooks [C_0 .. C_T] of the iterations, stopping as ``soft_cluster_reference`` does."""
+def _iterate(points: Tensor, weights: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float):
+    """The codebooks [C_0 .. C_T] of the iterations, stopping as ``soft_cluster_reference`` does,
+    and the last iteration's attention (on ``C_{T-1}``) if it fits one chunk, else None."""
     books = [codebook[:, 0]]
     for _ in range(max_iter):
-        books.append(_update(points, weights, books[-1], tau))
+        moved, attention = _update(points, weights, books[-1], tau, keep=True)
+        books.append(moved)
         if not float((books[-1] - books[-2]).abs().max()) > epsilon:
             break
-    return books
+    return books, attention
 
 
-def _soft(points: Tensor, attend: Tensor, final: Tensor, tau: float) -> Tensor:
-    """The soft value of each point, ``A(u, attend) @ final``.  # (U,)"""
-    rows = max(1, _ROWS_ELEMENTS // max(1, attend.numel()))
-    return torch.cat([_attention(points[s : s + rows], attend, tau) @ final for s in range(0, points.numel(), rows)])
+def _moments(points: Tensor, attend: Tensor, final: Tensor, tau: float, orders: int, attention=None) -> list:
+    """The soft value of each point, ``A(u, attend) @ final``, then, for ``orders`` 2 and 3, its
+    first and second derivatives in ``u`` with the codebooks held. Each (U,).
 
-
-def _slope(points: Tensor, attend: Tensor, final: Tensor, tau: float) -> Tensor:
-    """``ds/du`` with the codebooks held: ``2 / tau`` times the covariance of ``final`` and
-    ``attend`` under the attention (centred, so that nothing cancels).  # (U,)"""
-    rows = max(1, _ROWS_ELEMENTS // max(1, attend.numel()))
-    parts = []
-    for s in range(0, points.numel(), rows):
-        attn = _attention(points[s : s + rows], attend, tau)
-        spread = final[None, :] - (attn @ final)[:, None]
-        centred = attend[None, :] - (attn @ attend)[:, None]
-        parts.append((attn * spread * centred).sum(1))
-    return torch.cat(parts) * (2.0 / tau)
+    ``s' = 2 / tau`` times the covariance of ``final`` and ``attend`` under the attention, and
+    ``s'' = (2 / tau)^2`` times their third central co-moment ``E[(f - Ef)(a - Ea)^2]``
+    (centred, so that nothing cancels). attention: ``A(u, attend)`` (k, U) if the caller has it.
+    """
+    cols = _columns(attend.numel())
+    parts = [[] for _ in range(orders)]
+    for start in range(0, points.numel(), cols):
+        attn = attention if attention is not None else _attention(points[start : start + cols], attend, tau)
+        soft = final @ attn
+        parts[0].append(soft)
+        if orders > 1:
+            joint = attn * (final[:, None] - soft[None, :])
+            centred = attend[:, None] - (attend @ attn)[None, :]
+            joint = joint.mul_(centred)
+            parts[1].append(joint.sum(0) * (2.0 / tau))
+            if orders > 2:
+                parts[2].append(joint.mul_(centred).sum(0) * (2.0 / tau) ** 2)
+    return [torch.cat(p) for p in parts]
 
 
 class _TableCluster(torch.autograd.Function):
     """``table_cluster`` with gradient: saves the weight itself (no copy), the table of
-    patterns present and their counts, and the first codebook; backward recomputes the rest."""
+    entries present and their counts, the first codebook and the grid; backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, values, codebook, counts, tau, max_iter, epsilon):
-        soft, books, present, weights = _run(values, codebook, counts, tau, max_iter, epsilon)
+    def forward(ctx, values, codebook, counts, grid, tau, max_iter, epsilon):
+        soft, books, present, weights = _run(values, codebook, counts, grid, tau, max_iter, epsilon)
         ctx.save_for_backward(values, present, weights, books[0])
-        ctx.tau, ctx.iterations = tau, len(books) - 1
+        ctx.tau, ctx.iterations, ctx.grid = tau, len(books) - 1, grid
         final = books[-1][:, None]
         ctx.mark_non_differentiable(final)
         return soft, final, len(books) - 1
@@ -183,29 +374,46 @@ class _TableCluster(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
         values, present, weights, first = ctx.saved_tensors
-        tau = ctx.tau
+        tau, grid = ctx.tau, ctx.grid
+        size = _entries(grid)
         with torch.autocast(values.device.type, enabled=False):
             grad = grad_soft.reshape(-1)
-            per_value = values.new_zeros(TABLE_SIZE, dtype=torch.float32)  # G_v
+            per_value = values.new_zeros(size, dtype=torch.float32)  # G_v
             flat = values.reshape(-1)
-            passes = []  # each pass's codes, kept for the second loop (within this backward only)
-            for start in range(0, flat.numel(), _PASS):
-                stop = start + _PASS
-                passes.append(value_codes(flat[start:stop]))
-                per_value += torch.bincount(passes[-1], weights=grad[start:stop].float(), minlength=TABLE_SIZE)
-            points = value_table(values.dtype, values.device)[present]
+
+            def gather(a: int, b: int) -> tuple[Tensor, Tensor]:
+                codes = value_codes(flat[a:b], grid)
+                return codes, torch.bincount(codes, weights=grad[a:b].float(), minlength=size)
+
+            passes = _each_pass(flat.numel(), gather)  # each pass's codes, kept for the second loop
+            for _, part in passes:
+                per_value += part
+            points = value_table(values.dtype, values.device, grid)[present]
             with torch.enable_grad():
                 live = points.detach().requires_grad_()
                 books = [first]
                 for _ in range(ctx.iterations):
-                    books.append(_update(live, weights, books[-1], tau))
-                through_books = _soft(points, books[-2], books[-1], tau)  # u held in the last attention
+                    books.append(_update(live, weights, books[-1], tau)[0])
+                (through_books,) = _moments(points, books[-2], books[-1], tau, 1)  # u held in the last attention
                 (moved,) = torch.autograd.grad(through_books @ per_value[present], live)
-            slope = _slope(points, books[-2].detach(), books[-1].detach(), tau)
-            direct, shared = _spread(slope, present), _spread(moved / weights, present)
+            _, slope, *bend = _moments(points, books[-2].detach(), books[-1].detach(), tau, 2 if grid is None else 3)
+            shared = _spread(moved / weights, present, size)
             out = torch.empty_like(flat)
-            for start, codes in zip(range(0, flat.numel(), _PASS), passes):
-                # g_i a_v + b_v, in float32 throughout (mixed-dtype arithmetic is several times slower)
-                looked = direct.index_select(0, codes).mul_(grad[start : start + _PASS].float())
-                out[start : start + _PASS] = looked.add_(shared.index_select(0, codes))
-        return out.view_as(values), None, None, None, None, None
+            if grid is None:
+                direct = _spread(slope, present, size)
+
+                def spread(a: int, b: int) -> None:
+                    # g_i a_v + b_v, in float32 throughout (mixed-dtype arithmetic is several times slower)
+                    codes = passes[a // _PASS][0]
+                    looked = direct.index_select(0, codes).mul_(grad[a:b].float())
+                    out[a:b] = looked.add_(shared.index_select(0, codes))
+            else:  # the slope at w itself, to first order: s'(u) + (w - u) s''(u)
+                base, bend = _spread(slope - points * bend[0], present, size), _spread(bend[0], present, size)
+
+                def spread(a: int, b: int) -> None:
+                    codes, part = passes[a // _PASS][0], out[a:b]
+                    torch.index_select(bend, 0, codes, out=part).mul_(flat[a:b])
+                    part.add_(base.index_select(0, codes)).mul_(grad[a:b]).add_(shared.index_select(0, codes))
+
+            _each_pass(flat.numel(), spread)
+        return out.view_as(values), None, None, None, None, None, None
