@@ -284,7 +284,8 @@ class DKMParametrization(nn.Module):
         if not _finite(groups.detach()):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
-        for g, (vectors, book) in enumerate(zip(groups, self.books())):
+        # one group as a view (squeeze): iterating the tensor would cost backward a weight-sized stack
+        for g, (vectors, book) in enumerate(zip(_unbound(groups), self.books())):
             live = self._live(vectors, g)
             if not len(live):
                 softs.append(torch.zeros_like(vectors))
@@ -306,8 +307,8 @@ class DKMParametrization(nn.Module):
         if not _finite(groups.detach()):
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
-        for g, (vectors, book) in enumerate(zip(groups, self.books())):
-            soft_values, updated = self._table_group(g, vectors[:, 0], book)
+        for g, (group, book) in enumerate(zip(_unbound(groups), self.books())):
+            soft_values, updated = self._table_group(g, group.squeeze(1), book)
             softs.append(soft_values[:, None])
             books.append(updated)
         return self._assemble(weight, softs, books)
@@ -475,6 +476,13 @@ def _finite(values: Tensor) -> bool:
         return True
     low, high = torch.aminmax(values)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _unbound(groups: Tensor) -> tuple[Tensor, ...]:
+    """The (G, n, d) groups one by one; one group as a view, whose backward copies nothing
+    (selecting it writes the gradient into a zeroed tensor of the weight's size, unbinding
+    stacks it)."""
+    return (groups.squeeze(0),) if len(groups) == 1 else groups.unbind(0)
 
 
 def _keep(tensor: Tensor) -> Tensor:

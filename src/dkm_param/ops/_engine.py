@@ -73,6 +73,22 @@ def _squarem(points: Tensor, counts: Tensor, codebook: Tensor, tau: float, max_i
     return centroids, iterations
 
 
+# exp of a logit below this is under float32's smallest normal number: taken as 0
+_LEAST_LOGIT = -87.0
+
+
+def flushed_exp(logits: Tensor, inplace: bool) -> Tensor:
+    """``exp(logits)`` with results below float32's normal range (under e^-87) set to 0.
+
+    On the CPU an exp whose result is subnormal, or underflows, takes tens of
+    times as long as any other, and a sharp attention is mostly such entries.
+    Where the largest logit of a row is 0, they are worth under 1e-37 of it.
+    """
+    clamped = logits.clamp_(min=_LEAST_LOGIT) if inplace else logits.clamp(min=_LEAST_LOGIT)
+    powers = clamped.exp_() if inplace else clamped.exp()
+    return torch.nn.functional.threshold(powers, 2 * math.exp(_LEAST_LOGIT), 0.0, inplace=inplace)
+
+
 def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> tuple[Tensor, float]:
     """One centroid iteration on weighted points, and the log-likelihood
     ``sum_i counts_i logsumexp_j(-||p_i - c_j||^2 / tau)`` of the centroids it started from.
@@ -90,16 +106,22 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
     likelihood = torch.zeros((), dtype=torch.float64, device=points.device)  # read once, not per chunk
     for start, stop, cols, *_ in plan:
         chunk, count, near = points[start:stop], counts[start:stop], _pick(centroids, cols)
-        logits = (chunk[:, None, :] - near[None, :, :]).pow(2).sum(-1).div_(-tau)  # (r, m)
-        norm = torch.logsumexp(logits, 1)
-        attn = logits.sub_(norm[:, None]).exp_().mul_(count[:, None])
-        likelihood += norm.double() @ count.double()
-        if cols is None:
-            mass += attn.sum(0)
-            weighted += attn.T @ chunk
+        # centroids by points: reductions over a short inner dimension (a few centroids) are slow
+        if d == 1:
+            logits = (near[:, 0, None] - chunk[None, :, 0]).square_().div_(-tau)  # (m, r)
         else:
-            mass.index_add_(0, cols, attn.sum(0))
-            weighted.index_add_(0, cols, attn.T @ chunk)
+            logits = (near[:, None, :] - chunk[None, :, :]).pow(2).sum(-1).div_(-tau)
+        top = logits.amax(0)
+        powers = flushed_exp(logits.sub_(top), inplace=True)
+        total = powers.sum(0)
+        likelihood += (top + total.log()).double() @ count.double()
+        attn = powers.mul_((count / total)[None, :])
+        if cols is None:
+            mass += attn.sum(1)
+            weighted += attn @ chunk
+        else:
+            mass.index_add_(0, cols, attn.sum(1))
+            weighted.index_add_(0, cols, attn @ chunk)
     moved = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None]
     return torch.where(mass[:, None] > 0, moved, centroids), float(likelihood)
 

@@ -45,6 +45,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
+from ._engine import flushed_exp
+
 __all__ = [
     "GRID_SIZES", "HALF_DTYPES", "TABLE_DTYPES", "TABLE_SIZE", "Grid", "GridTooCoarse", "distinct_values",
     "grid_size", "table_cluster", "value_codes", "value_counts", "value_grid", "value_table",
@@ -57,8 +59,8 @@ TABLE_DTYPES = (*HALF_DTYPES, torch.float32)
 TABLE_SIZE = 1 << 16
 GRID_SIZES = (1 << 12, 1 << 20)
 # a float32 weight's grid is fine enough when its half-step is at most this fraction of the
-# width of the sharpest transition between centroids (the soft values' slope is then within
-# about a percent of the exact one)
+# width of the sharpest transition between centroids with weights near it (the gradient is
+# then within about a percent of the exact one, the soft values far closer)
 GRID_TOLERANCE = 0.05
 # weights read or written per pass: temporaries of a few MiB stay in cache and are reused
 # from pass to pass (larger ones cost page faults and cache misses: twice the time)
@@ -190,19 +192,19 @@ def _run(values: Tensor, codebook: Tensor, counts: Tensor, grid: Grid | None, ta
 
 def grid_size(low: Tensor, high: Tensor, codebook: Tensor, tau: float) -> int | None:
     """The fewest points, a power of two in ``GRID_SIZES``, of a grid from ``low`` to ``high`` fine
-    enough for ``codebook`` (k, 1) at ``tau`` wherever weights might lie, with a factor 2 to
-    spare (None: more than ``GRID_SIZES[1]``). A function of its arguments alone, so that a
+    enough for ``codebook`` (k, 1) at ``tau`` wherever weights might lie (None: more than
+    ``GRID_SIZES[1]``). A function of its arguments alone, so that a
     training step resumed from a checkpoint counts on the same grid."""
     step = (high.detach().float() - low.detach().float()) / (GRID_SIZES[0] - 1)
     ratio = _grid_ratio(low, high, step, codebook[:, 0].float(), tau, None)
-    return _size_for(GRID_SIZES[0], ratio)
+    return _size_for(GRID_SIZES[0], 1.25 * ratio)  # a quarter to spare: the iterations move centroids
 
 
 def _size_for(size: int, ratio: float) -> int | None:
-    """Points for a grid whose ``size`` points gave ``ratio``, to reach half of ``GRID_TOLERANCE``."""
+    """Points for a grid whose ``size`` points gave ``ratio``, to reach ``GRID_TOLERANCE``."""
     if not math.isfinite(ratio):
         return None
-    wanted = size * ratio / (GRID_TOLERANCE / 2)
+    wanted = size * ratio / GRID_TOLERANCE
     enough = max(GRID_SIZES[0], 1 << max(0, math.ceil(math.log2(max(wanted, 1.0)))))
     return enough if enough <= GRID_SIZES[1] else None
 
@@ -283,27 +285,11 @@ def _attention(points: Tensor, centroids: Tensor, tau: float) -> Tensor:
     gaps = centroids[:, None] - points[None, :]
     if gaps.requires_grad:  # out of place, for autograd (the shift is a constant to softmax)
         logits = gaps.square().mul(-1.0 / tau)
-        shifted = _flushed_exp(logits - logits.detach().amax(0, keepdim=True), inplace=False)
+        shifted = flushed_exp(logits - logits.detach().amax(0, keepdim=True), inplace=False)
         return shifted / shifted.sum(0, keepdim=True)
     logits = gaps.square_().mul_(-1.0 / tau)
-    shifted = _flushed_exp(logits.sub_(logits.amax(0, keepdim=True)), inplace=True)
+    shifted = flushed_exp(logits.sub_(logits.amax(0, keepdim=True)), inplace=True)
     return shifted.div_(shifted.sum(0, keepdim=True))
-
-
-# exp of a logit below this is under float32's smallest normal number: taken as 0
-_LEAST_LOGIT = -87.0
-
-
-def _flushed_exp(logits: Tensor, inplace: bool) -> Tensor:
-    """``exp(logits)`` with results below float32's normal range (under e^-87) set to 0.
-
-    On the CPU an exp whose result is subnormal, or underflows, takes tens of
-    times as long as any other: a sharp attention is mostly such entries. They
-    are worth under 1e-37 of the nearest centroid's entry, which is 1.
-    """
-    clamped = logits.clamp_(min=_LEAST_LOGIT) if inplace else logits.clamp(min=_LEAST_LOGIT)
-    powers = clamped.exp_() if inplace else clamped.exp()
-    return torch.nn.functional.threshold(powers, 2 * math.exp(_LEAST_LOGIT), 0.0, inplace=inplace)
 
 
 def _update(points: Tensor, weights: Tensor, centroids: Tensor, tau: float, keep: bool = False):
