@@ -30,10 +30,10 @@ class DKMParametrization(nn.Module):
     A bfloat16, float16 or float32 weight in one dimension (not scaled per
     channel, no zeros pinned) is clustered by value table (``ops.table``,
     eDKM): a half-precision weight by its distinct values, exactly; a float32
-    one on a grid of evenly spaced points between its extremes, each weight's
-    soft value and slope taken to first order from its grid point (the grid
-    is refined, or the layer handed to the float32 engine, when the
-    temperature is too sharp for it). No float32 copy of the weight, and
+    one on a grid of evenly spaced points between its extremes, as fine as
+    the temperature needs, each weight's soft value and slope taken to first
+    order from its grid point (the float32 engine takes a layer no grid
+    serves, or one small enough that it is quicker). No float32 copy of the weight, and
     nothing of its size kept but the soft weight. Other weights take the
     float32 engine (``ops.soft``), exact to float32's rounding, where each
     group also keeps the order in which its values were last grouped
