@@ -304,24 +304,24 @@ class DKMParametrization(nn.Module):
     def _soft_by_value(self, weight: Tensor) -> Tensor:
         """``_soft_weight`` by value table: no float32 copy of the weight, memory O(table)."""
         groups = layout.grouped_vectors(weight, 1, self.spec.group_size, None, self.spec.layout)  # (G, n, 1)
-        if not _finite(groups.detach()):
+        lows, highs = _extremes(groups.detach())  # a float32 grid's ends too
+        if not bool(torch.isfinite(lows).all() & torch.isfinite(highs).all()):  # NaN and Inf reach the extremes
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         for g, (group, book) in enumerate(zip(_unbound(groups), self.books())):
-            soft_values, updated = self._table_group(g, group.squeeze(1), book)
+            soft_values, updated = self._table_group(g, group.squeeze(1), book, lows[g], highs[g])
             softs.append(soft_values[:, None])
             books.append(updated)
         return self._assemble(weight, softs, books)
 
-    def _table_group(self, g: int, values: Tensor, book: Tensor) -> tuple[Tensor, Tensor]:
-        """One group's soft values and updated codebook by value table. A float32 group is
-        counted on a grid as fine as its temperature needs (``table.grid_size``), and takes the
-        float32 engine when no grid is fine enough."""
+    def _table_group(self, g: int, values: Tensor, book: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+        """One group's soft values and updated codebook by value table (``low`` and ``high``: its
+        extremes). A float32 group is counted on a grid as fine as its temperature needs
+        (``table.grid_size``), and takes the float32 engine when no grid is fine enough."""
         tau, max_iter, epsilon = float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
         if values.dtype in table.HALF_DTYPES:
             counts = self._value_counts(values.detach())
             return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts)[:2]
-        low, high = self._extremes(values.detach())
         size = None if self._float32_engine else table.grid_size(low, high, book, tau)
         if size is not None and not _grid_pays(values.numel(), size, self.spec.bits):
             size = None
@@ -334,25 +334,15 @@ class DKMParametrization(nn.Module):
                 size = coarse.size
         out, updated, _ = soft.soft_cluster(values[:, None], book.clone(), tau, max_iter, epsilon,
                                             order_cache=self._orders[g])
-        return out[:, 0], updated
+        return out.squeeze(1), updated
 
     # float32 weights on the float32 engine, whatever the temperature (for comparing with it)
     _float32_engine = False
 
-    def _extremes(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """The values' least and greatest, taken across the ``process_group``'s ranks."""
-        low, high = torch.aminmax(values)
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            extremes = torch.stack([-low, high])
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.process_group)
-            low, high = -extremes[0], extremes[1]
-        return low, high
-
     def _value_counts(self, values: Tensor, grid: table.Grid | None = None) -> Tensor:
         """``table.value_counts`` of the values: with a ``process_group``, each rank counts its
-        slice and the counts are summed across the group (whole numbers: exactly the count of all)."""
+        slice and the counts are summed across the group (whole numbers: exactly the count of all).
+        Every rank holds the whole weight, so the extremes that place a float32 grid agree."""
         group = self.process_group
         if group is None:
             return table.value_counts(values, grid)
@@ -476,6 +466,14 @@ def _finite(values: Tensor) -> bool:
         return True
     low, high = torch.aminmax(values)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _extremes(groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Each group's least and greatest value.  # (G,), (G,)"""
+    if len(groups) == 1:  # a whole-tensor reduction: several times quicker than one along a dim
+        low, high = torch.aminmax(groups)
+        return low[None], high[None]
+    return torch.aminmax(groups.reshape(len(groups), -1), dim=1)
 
 
 def _unbound(groups: Tensor) -> tuple[Tensor, ...]:
