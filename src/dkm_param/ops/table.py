@@ -182,7 +182,8 @@ def _run(values: Tensor, codebook: Tensor, counts: Tensor, grid: Grid | None, ta
     if grid is None:  # each weight is its table entry's value
         (soft,) = _moments(points, books[-2], books[-1], tau, 1, attention)
         return _lookup(values, _spread(soft, present, TABLE_SIZE), values.dtype), books, present, weights
-    _check_grid(grid, books[-2], tau, points)  # the centroids attended to have moved
+    if len(books) > 2:  # the centroids attended to have moved since the check above
+        _check_grid(grid, books[-2], tau, points)
     soft, slope = _moments(points, books[-2], books[-1], tau, 2, attention)
     # a float32 weight lies within half a step of its grid point u: s(w) to first order,
     # s(u) + (w - u) s'(u) = (s - u s')[entry] + w s'[entry]
@@ -344,6 +345,40 @@ def _moments(points: Tensor, attend: Tensor, final: Tensor, tau: float, orders: 
     return [torch.cat(p) for p in parts]
 
 
+def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, first: Tensor, last: Tensor,
+                            tau: float, orders: int) -> list[Tensor]:
+    """For one iteration ``C_1 = update(u, C_0)``: each point's share of the gradient through the
+    codebook, ``(dL/du_v through C_1) / c_v``, then ``s'`` (and ``s''`` for ``orders`` 3). Each (U,).
+
+    With ``A`` the attention on ``C_0``, ``M_j = sum_v c_v A_jv``, ``lam_j = sum_v G_v A_jv``
+    (``upstream``: ``G``) and ``m_v = sum_j A_jv C_0j``:
+    ``dC_1j/du_v = c_v A_jv (1 + 2 / tau (u_v - C_1j)(C_0j - m_v)) / M_j``, so the share is
+    ``sum_j (lam_j / M_j) A_jv (1 + 2 / tau (u_v - C_1j)(C_0j - m_v))`` (a centroid with no mass
+    stays where it was: no gradient). One attention serves this and the moments.
+    """
+    cols = _columns(first.numel())
+    chunks = range(0, points.numel(), cols)
+    kept = _attention(points, first, tau) if points.numel() <= cols else None
+    mass, pull = first.new_zeros(first.shape), first.new_zeros(first.shape)
+    for start in chunks:
+        attn = kept if kept is not None else _attention(points[start : start + cols], first, tau)
+        mass += attn @ weights[start : start + cols]
+        pull += attn @ upstream[start : start + cols]
+    rate = torch.where(mass > 0, pull / mass.clamp_min(torch.finfo(mass.dtype).tiny), 0.0)  # lam_j / M_j
+    parts = [[] for _ in range(1 + orders - 1)]
+    for start in chunks:
+        u = points[start : start + cols]
+        attn = kept if kept is not None else _attention(u, first, tau)
+        centred = first[:, None] - (first @ attn)[None, :]  # C_0j - m_v
+        rated = attn * rate[:, None]
+        parts[0].append(rated.sum(0) + (rated * (u[None, :] - last[:, None]) * centred).sum(0) * (2.0 / tau))
+        joint = attn * (last[:, None] - (last @ attn)[None, :]) * centred
+        parts[1].append(joint.sum(0) * (2.0 / tau))
+        if orders > 2:
+            parts[2].append((joint * centred).sum(0) * (2.0 / tau) ** 2)
+    return [torch.cat(p) for p in parts]
+
+
 class _TableCluster(torch.autograd.Function):
     """``table_cluster`` with gradient: saves the weight itself (no copy), the table of
     entries present and their counts, the first codebook and the grid; backward recomputes the rest."""
@@ -351,7 +386,7 @@ class _TableCluster(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, codebook, counts, grid, tau, max_iter, epsilon):
         soft, books, present, weights = _run(values, codebook, counts, grid, tau, max_iter, epsilon)
-        ctx.save_for_backward(values, present, weights, books[0])
+        ctx.save_for_backward(values, present, weights, books[0], books[-1])
         ctx.tau, ctx.iterations, ctx.grid = tau, len(books) - 1, grid
         final = books[-1][:, None]
         ctx.mark_non_differentiable(final)
@@ -359,7 +394,7 @@ class _TableCluster(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
-        values, present, weights, first = ctx.saved_tensors
+        values, present, weights, first, last = ctx.saved_tensors
         tau, grid = ctx.tau, ctx.grid
         size = _entries(grid)
         with torch.autocast(values.device.type, enabled=False):
@@ -375,15 +410,21 @@ class _TableCluster(torch.autograd.Function):
             for _, part in passes:
                 per_value += part
             points = value_table(values.dtype, values.device, grid)[present]
-            with torch.enable_grad():
-                live = points.detach().requires_grad_()
-                books = [first]
-                for _ in range(ctx.iterations):
-                    books.append(_update(live, weights, books[-1], tau)[0])
-                (through_books,) = _moments(points, books[-2], books[-1], tau, 1)  # u held in the last attention
-                (moved,) = torch.autograd.grad(through_books @ per_value[present], live)
-            _, slope, *bend = _moments(points, books[-2].detach(), books[-1].detach(), tau, 2 if grid is None else 3)
-            shared = _spread(moved / weights, present, size)
+            orders = 2 if grid is None else 3
+            if ctx.iterations == 1:  # the usual step: in closed form, on one attention
+                shared, slope, *bend = _one_iteration_backward(points, weights, per_value[present], first, last,
+                                                               tau, orders)
+            else:
+                with torch.enable_grad():
+                    live = points.detach().requires_grad_()
+                    books = [first]
+                    for _ in range(ctx.iterations):
+                        books.append(_update(live, weights, books[-1], tau)[0])
+                    (through_books,) = _moments(points, books[-2], books[-1], tau, 1)  # u held in the last attention
+                    (moved,) = torch.autograd.grad(through_books @ per_value[present], live)
+                _, slope, *bend = _moments(points, books[-2].detach(), books[-1].detach(), tau, orders)
+                shared = moved / weights
+            shared = _spread(shared, present, size)
             out = torch.empty_like(flat)
             if grid is None:
                 direct = _spread(slope, present, size)
