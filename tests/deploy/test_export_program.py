@@ -139,3 +139,16 @@ def test_the_command_line_writes_a_program(tmp_path, capsys):
     assert main(["export", "torch", str(file), "torch.nn:Sequential", "--out", str(tmp_path / "e.pt2"),
                  "--input", "1x8x8x8"]) == 2
     assert "not in the model: 0.bias, 0.weight" in capsys.readouterr().err
+
+
+def test_stack_traces_are_left_out_unless_kept():
+    model = net()
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    x = torch.randn(1, 4, 8, 8)
+    slim = export_program(model, compressed, (x,))
+    assert not any(node.meta.get("stack_trace") for node in slim.graph.nodes)
+    kept = export_program(model, compressed, (x,), keep_traces=True)
+    # the model's own nodes keep theirs (the decoding's are dropped either way)
+    assert any("forward" in (node.meta.get("stack_trace") or "") for node in kept.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(slim.module()(x), kept.module()(x))

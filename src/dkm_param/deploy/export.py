@@ -17,7 +17,8 @@ from .inmemory import CompressedWeight, _check_parameters, _clustered_names, att
 
 
 def export_program(
-    model: nn.Module, compressed: CompressedModel, example_inputs: Any, **export_kwargs: Any
+    model: nn.Module, compressed: CompressedModel, example_inputs: Any, *, keep_traces: bool = False,
+    **export_kwargs: Any,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` with the weights of ``compressed``, each clustered weight kept compressed.
 
@@ -29,7 +30,9 @@ def export_program(
     and its mode (call ``model.eval()`` first for inference) and is not changed
     (its clustered weights are not copied). The example inputs are not kept in
     the program (``program.example_inputs`` is None): they can outweigh a small
-    model's weights.
+    model's weights. Nor, unless ``keep_traces``, are the Python stack traces
+    ``torch.export`` records on each node (for debugging the export itself):
+    a convolutional network's saved graph is mostly those.
     example_inputs: a tuple of positional arguments, a dict of keyword
         arguments, or a single tensor; export_kwargs go to ``torch.export.export``
         (e.g. ``dynamic_shapes``).
@@ -41,21 +44,23 @@ def export_program(
     args, kwargs = split_inputs(example_inputs)
     program = torch.export.export(program_model, args, kwargs, **export_kwargs)
     program.example_inputs = None  # the caller's data, often larger than a small model's weights
-    _slim_decoding_nodes(program)
+    _slim_decoding_nodes(program, keep_traces)
     return program
 
 
-def _slim_decoding_nodes(program: torch.export.ExportedProgram) -> None:
-    """Keep the decoding out of the saved graph's size.
+def _slim_decoding_nodes(program: torch.export.ExportedProgram, keep_traces: bool) -> None:
+    """Keep the decoding out of the saved graph's size, and the stack traces unless ``keep_traces``.
 
-    Its nodes lose their Python stack traces and source functions, and their module stacks stop at
-    the module that owns the weight (the same dkm_param lines for every layer: most of a small
+    The decoding's nodes lose their Python stack traces and source functions, and their module stacks
+    stop at the module that owns the weight (the same dkm_param lines for every layer: most of a small
     program's saved graph); the dtype assertions ``torch.export`` puts before each cast of the packed
     bytes (uint8 buffers of the program itself) are removed.
     """
     qualname = CompressedWeight.__qualname__
     graph = program.graph
     for node in list(graph.nodes):
+        if not keep_traces:
+            node.meta.pop("stack_trace", None)
         stack = node.meta.get("nn_module_stack") or {}
         if not any(qualname in str(kind) for _, kind in stack.values()):
             continue
