@@ -36,6 +36,29 @@ def nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
     return out
 
 
+def _lloyd_on_line(values: Tensor, codebook: Tensor, iterations: int) -> Tensor:
+    """``lloyd`` in one dimension on the values sorted once: each cluster is a run of them, its
+    count and sum two lookups in prefix sums, so an iteration is O(k log n).  # (k, 1)"""
+    ordered = _ascending(values)
+    x = values[ordered]
+    sums = torch.cat([x.new_zeros(1, dtype=torch.float64), torch.cumsum(x.double(), 0)])
+    ends = torch.tensor([0, x.numel()], device=x.device)
+    for _ in range(iterations):
+        order = codebook[:, 0].argsort()
+        centroids = codebook[order, 0]
+        # a value on a midpoint between two centroids goes to the lower one
+        cuts = torch.searchsorted(x, (centroids[1:] + centroids[:-1]) / 2, right=True)
+        bounds = torch.cat([ends[:1], cuts, ends[1:]])
+        counts = (bounds[1:] - bounds[:-1]).to(torch.float64)
+        means = ((sums[bounds[1:]] - sums[bounds[:-1]]) / counts.clamp_min(1)).to(codebook.dtype)
+        moved = torch.where(counts > 0, means, centroids)
+        updated = torch.empty_like(codebook).index_put_((order,), moved[:, None])
+        if torch.equal(updated, codebook):
+            break
+        codebook = updated
+    return codebook
+
+
 def squared_distance_to_nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
     """``min_j ||w_i - c_j||^2`` for every vector.  # (n,)"""
     return (vectors - codebook[nearest(vectors, codebook)]).pow(2).sum(1)
@@ -63,6 +86,8 @@ def kmeans_plusplus(vectors: Tensor, k: int, generator: torch.Generator) -> Tens
 
 def lloyd(vectors: Tensor, codebook: Tensor, iterations: int) -> Tensor:
     """Plain Lloyd iterations; an empty cluster keeps its centroid.  # (k, d)"""
+    if vectors.shape[1] == 1:
+        return _lloyd_on_line(vectors[:, 0], codebook, iterations)
     k = codebook.shape[0]
     for _ in range(iterations):
         assign = nearest(vectors, codebook)
