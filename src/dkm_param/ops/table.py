@@ -365,7 +365,7 @@ def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, f
         mass += attn @ weights[start : start + cols]
         pull += attn @ upstream[start : start + cols]
     rate = torch.where(mass > 0, pull / mass.clamp_min(torch.finfo(mass.dtype).tiny), 0.0)  # lam_j / M_j
-    parts = [[] for _ in range(1 + orders - 1)]
+    parts = [[] for _ in range(orders)]  # the share, s', s''
     for start in chunks:
         u = points[start : start + cols]
         attn = kept if kept is not None else _attention(u, first, tau)
