@@ -336,13 +336,20 @@ def _moments(points: Tensor, attend: Tensor, final: Tensor, tau: float, orders: 
         soft = final @ attn
         parts[0].append(soft)
         if orders > 1:
-            joint = attn * (final[:, None] - soft[None, :])
-            centred = attend[:, None] - (attend @ attn)[None, :]
-            joint = joint.mul_(centred)
-            parts[1].append(joint.sum(0) * (2.0 / tau))
-            if orders > 2:
-                parts[2].append(joint.mul_(centred).sum(0) * (2.0 / tau) ** 2)
+            for part, derivative in zip(parts[1:], _derivatives(attn, attend, final, soft, tau, orders)[1]):
+                part.append(derivative)
     return [torch.cat(p) for p in parts]
+
+
+def _derivatives(attn: Tensor, attend: Tensor, final: Tensor, soft: Tensor, tau: float, orders: int):
+    """One chunk's ``attend - E attend`` (k, c) under the attention ``attn`` (k, c), and ``[s']``,
+    or ``[s', s'']`` for ``orders`` 3, each (c,): ``_moments``'s, given the soft values ``soft``."""
+    centred = attend[:, None] - (attend @ attn)[None, :]
+    joint = (attn * (final[:, None] - soft[None, :])).mul_(centred)
+    found = [joint.sum(0) * (2.0 / tau)]
+    if orders > 2:
+        found.append(joint.mul_(centred).sum(0) * (2.0 / tau) ** 2)
+    return centred, found
 
 
 def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, first: Tensor, last: Tensor,
@@ -369,19 +376,18 @@ def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, f
     for start in chunks:
         u = points[start : start + cols]
         attn = kept if kept is not None else _attention(u, first, tau)
-        centred = first[:, None] - (first @ attn)[None, :]  # C_0j - m_v
+        centred, derivatives = _derivatives(attn, first, last, last @ attn, tau, orders)  # centred: C_0j - m_v
         rated = attn * rate[:, None]
         parts[0].append(rated.sum(0) + (rated * (u[None, :] - last[:, None]) * centred).sum(0) * (2.0 / tau))
-        joint = attn * (last[:, None] - (last @ attn)[None, :]) * centred
-        parts[1].append(joint.sum(0) * (2.0 / tau))
-        if orders > 2:
-            parts[2].append((joint * centred).sum(0) * (2.0 / tau) ** 2)
+        for part, derivative in zip(parts[1:], derivatives):
+            part.append(derivative)
     return [torch.cat(p) for p in parts]
 
 
 class _TableCluster(torch.autograd.Function):
     """``table_cluster`` with gradient: saves the weight itself (no copy), the table of
-    entries present and their counts, the first codebook and the grid; backward recomputes the rest."""
+    entries present and their counts, the first and last codebooks and the grid; backward
+    recomputes the rest."""
 
     @staticmethod
     def forward(ctx, values, codebook, counts, grid, tau, max_iter, epsilon):
