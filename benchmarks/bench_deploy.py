@@ -20,7 +20,9 @@ memory is its own:
 
 - ``.mlpackage``: ``dp.to_coreml`` (iOS 18, float32), its size on disk, and how
   many clustered layers are lookup tables in it;
-- ``.pt2``: ``dp.export_program`` then ``torch.export.save``; under the table,
+- ``.pt2``: ``dp.export_program`` then ``dp.save_program`` (``torch.export.save``
+  with the graph's JSON deflated; the size ``torch.export.save`` itself gives
+  is printed under the table); under the table,
   the part of it that is graph and metadata rather than tensors, and the
   same for a plain ``torch.export`` of the float model (the architecture's
   own graph, which no weight compression makes smaller);
@@ -158,8 +160,10 @@ def worker(case: dict) -> None:
         path = out / f"{name}.pt2"
         began = clock()
         program = export_program(model, dp.read_compressed(file), inputs)
-        torch.export.save(program, path)
+        dp.save_program(program, path)
         report(pt2=path.stat().st_size, pt2_time=clock() - began, pt2_graph=path.stat().st_size - tensor_bytes(program))
+        torch.export.save(program, path)  # the same program as torch.export.save writes it: its graph uncompressed
+        report(pt2_torch=path.stat().st_size)
         # the same architecture exported plainly, float weights and all: what its graph alone takes in a .pt2
         dp.load_compressed(file, model)
         plain = torch.export.export(model, *split(inputs))
@@ -334,6 +338,9 @@ def main() -> None:
             notes.append(f".pt2 graph and metadata {mib(r['pt2_graph'])} (a plain torch.export of the float "
                          f"model: {mib(r['plain_graph'])}), tensors {mib(r['pt2'] - r['pt2_graph'])}"
                          if "plain_graph" in r else f".pt2 graph and metadata {mib(r['pt2_graph'])}")
+        if "pt2_torch" in r:
+            notes.append(f"torch.export.save of the same program (graph uncompressed) {mib(r['pt2_torch'])} "
+                         f"({r['pt2_torch'] / r['file']:.2f}x file)")
         if "pte" in r:
             notes.append(f"ExecuTorch .pte {mib(r['pte'])} ({r['pte'] / r['file']:.2f}x file)")
         if "decoded_cold_rss" in r and "compressed_cold_rss" in r:

@@ -42,6 +42,7 @@ PUBLIC = {
     "CoreMLExport",
     "ExportError",
     "export_program",
+    "save_program",
     "to_coreml",
 }
 

@@ -14,7 +14,7 @@ The main entry points:
 - ``palettize(model, policy)``: k-means once, without training.
 - ``load_compressed(path, model)``, ``read_compressed(path)``: read a file back.
 - ``cluster_filters``, ``CentripetalSGD``, ``thin``: fewer filters (C-SGD).
-- ``to_coreml``, ``export_program``, ``load_compressed(..., keep_compressed=True)``:
+- ``to_coreml``, ``export_program`` (and ``save_program``), ``load_compressed(..., keep_compressed=True)``:
   the file's codebooks and indices in Core ML, torch.export, and memory.
 
 Every public name is documented in docs/api.md of the source repository
@@ -22,7 +22,7 @@ Every public name is documented in docs/api.md of the source repository
 ``dkm-param --help`` the command line.
 """
 
-from .deploy import CoreMLExport, export_program, to_coreml
+from .deploy import CoreMLExport, export_program, save_program, to_coreml
 from .dkm.anneal import scale_temperature, snapped
 from .dkm.codebooks import CodebookParametrization, finetune_codebooks
 from .dkm.finalize import finalize
@@ -78,5 +78,6 @@ __all__ = [
     "CoreMLExport",
     "ExportError",
     "export_program",
+    "save_program",
     "to_coreml",
 ]

@@ -152,3 +152,59 @@ def test_stack_traces_are_left_out_unless_kept():
     assert any("forward" in (node.meta.get("stack_trace") or "") for node in kept.graph.nodes)
     with torch.no_grad():
         assert torch.equal(slim.module()(x), kept.module()(x))
+
+
+def _stack(layers: int = 16, width: int = 256) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(layers)]).eval()
+
+
+def test_save_program_deflates_the_graph_and_keeps_the_tensors_aligned(tmp_path):
+    model = _stack()
+    compressed = dp.palettize(model, POLICY, inplace=False)
+    file = compressed.save(tmp_path / "stack.safetensors")
+    x = torch.randn(2, 256)
+    program = export_program(model, compressed, (x,))
+    torch.export.save(program, tmp_path / "plain.pt2")
+    path = dp.save_program(program, tmp_path / "stack.pt2")
+    assert path == tmp_path / "stack.pt2"
+    # many small layers: the graph uncompressed outweighs a tenth of the file, deflated it does not
+    assert (tmp_path / "plain.pt2").stat().st_size > 1.1 * file.stat().st_size
+    assert path.stat().st_size <= 1.1 * file.stat().st_size
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        infos = archive.infolist()
+        assert any(i.filename.endswith(".json") for i in infos)
+        for info in infos:
+            kind = zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else zipfile.ZIP_STORED
+            assert info.compress_type == kind, info.filename
+            if kind == zipfile.ZIP_STORED:  # the data starts 64-byte aligned, as torch.export.save leaves it
+                raw.seek(info.header_offset + 26)
+                name, extra = (int.from_bytes(raw.read(2), "little") for _ in range(2))
+                assert (info.header_offset + 30 + name + extra) % 64 == 0, info.filename
+        with zipfile.ZipFile(tmp_path / "plain.pt2") as plain:
+            # the same entries and bytes (under the archive's own folder, "archive" as torch names a buffer's)
+            def entries(zipped):
+                return {i.filename.partition("/")[2]: zipped.read(i) for i in zipped.infolist()}
+
+            assert entries(archive) == entries(plain)
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(path).module()(x), compressed.load_into(_stack())(x))
+
+
+def test_a_failed_save_program_leaves_the_old_file(tmp_path, monkeypatch):
+    model = net()
+    program = export_program(model, dp.palettize(model, POLICY, inplace=False), (torch.randn(1, 4, 8, 8),))
+    path = tmp_path / "net.pt2"
+    path.write_bytes(b"the old program")
+
+    def broken(source, handle):
+        handle.write(b"half a program")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dkm_param.deploy.export._deflate_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        dp.save_program(program, path)
+    assert path.read_bytes() == b"the old program"
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt2"]
+    with pytest.raises(IsADirectoryError, match="give a file name"):
+        dp.save_program(program, tmp_path)

@@ -334,9 +334,9 @@ def _export(args: argparse.Namespace) -> int:
             result = to_coreml(model, compressed, inputs, path=args.out, strict=args.strict)
         print(result)
     else:
-        from ..deploy.export import export_program
+        from ..deploy.export import export_program, save_program
 
-        torch.export.save(export_program(model, compressed, inputs), args.out)
+        save_program(export_program(model, compressed, inputs), args.out)
         print(f"wrote {args.out} ({format_size(args.out.stat().st_size)})")
     return 0
 

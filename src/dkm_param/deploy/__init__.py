@@ -4,7 +4,7 @@ Each module imports its runtime's package (coremltools) only when called.
 """
 
 from .coreml import CoreMLExport, to_coreml
-from .export import export_program
+from .export import export_program, save_program
 from .inmemory import CompressedWeight, register_compressed
 
-__all__ = ["CompressedWeight", "CoreMLExport", "export_program", "register_compressed", "to_coreml"]
+__all__ = ["CompressedWeight", "CoreMLExport", "export_program", "register_compressed", "save_program", "to_coreml"]
