@@ -131,3 +131,71 @@ def test_a_decoded_copy_is_load_intos_model_and_keeps_ties(tmp_path):
     reference = compressed.load_into(Tied())
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in twin.state_dict().items())
     assert not torch.equal(model.mid.weight, twin.mid.weight)  # the model keeps its own weights
+
+
+class Wide(nn.Module):
+    """Two linear layers of the same size, large enough to be decoded into the scratch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(256, 256)
+        self.b = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.fixture
+def wide(tmp_path):
+    path = dp.palettize(Wide(), dp.Policy.from_notation("fc:4/1"), inplace=False).save(tmp_path / "wide.safetensors")
+    return load_compressed(path, Wide()), load_compressed(path, Wide(), keep_compressed=True)
+
+
+def test_inference_decodes_into_one_reused_buffer(wide):
+    decoded, kept = wide
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        first = kept(x)
+        pointers = {kept.a.weight.data_ptr() for _ in range(3)} | {kept.b.weight.data_ptr()}
+        assert len(pointers) == 1  # each weight read in turn lands in the same memory
+        assert torch.equal(kept(x), decoded(x)) and torch.equal(first, decoded(x))
+    with torch.inference_mode():
+        assert torch.equal(kept(x), decoded(x))
+    with torch.no_grad():  # a buffer made in inference mode is still writable outside it
+        assert torch.equal(kept(x), decoded(x))
+
+
+def test_a_weight_the_caller_keeps_is_never_overwritten(wide):
+    decoded, kept = wide
+    with torch.no_grad():
+        a = kept.a.weight
+        alias = kept.a.weight.detach()  # another tensor over the same memory
+        del a
+        view = kept.a.weight.t()
+        b = kept.b.weight  # decoded while the others are alive: into fresh memory
+        assert b.data_ptr() != alias.data_ptr() and b.data_ptr() != view.data_ptr()
+        kept(torch.randn(2, 256))
+    assert torch.equal(alias, decoded.a.weight) and torch.equal(view, decoded.a.weight.t())
+    assert torch.equal(b, decoded.b.weight)
+
+
+def test_with_gradients_each_weight_gets_its_own_memory(wide):
+    decoded, kept = wide
+    x = torch.randn(4, 256, requires_grad=True)
+    kept(x).sum().backward()
+    y = x.detach().requires_grad_()
+    decoded(y).sum().backward()
+    assert torch.equal(x.grad, y.grad)
+
+
+def test_a_copied_kept_model_has_its_own_scratch(wide):
+    decoded, kept = wide
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        kept(x)
+        twin = copy.deepcopy(kept)
+        scratch = twin.a.parametrizations.weight[0].scratch
+        assert scratch is twin.b.parametrizations.weight[0].scratch  # shared by the copy's layers
+        assert scratch is not kept.a.parametrizations.weight[0].scratch
+        assert torch.equal(twin(x), decoded(x)) and torch.equal(kept(x), decoded(x))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +13,9 @@ from torch.nn.utils import parametrize
 from ..errors import RegistrationError
 from ..format.layer import CompressedLayer
 from ..format.model import CompressedModel, _check_fits
-from ..ops.decode import byte_digits, decode_packed
+from ..ops.decode import byte_digits, decode_packed, lookup_is_last
+
+_SCRATCH_FROM = 1 << 16  # weights of fewer values are decoded into fresh memory
 
 
 class CompressedWeight(nn.Module):
@@ -26,12 +30,23 @@ class CompressedWeight(nn.Module):
     ``CompressedLayer.weight()``, bit for bit; the tensor it is registered
     over is an empty placeholder, so the full weight is resident only while
     it is being used. bitcast: ``decode_packed``'s faster gather, for a model
-    run in PyTorch (not for one exported to ExecuTorch).
+    run in PyTorch (not for one exported to ExecuTorch); scratch: a ``Scratch``
+    to decode into, shared by a model's layers, so that inference does not take
+    fresh memory for every weight (``load_compressed(..., keep_compressed=True)``
+    gives one).
     """
 
-    def __init__(self, layer: CompressedLayer, digits: Tensor | None = None, bitcast: bool = False):
+    def __init__(
+        self, layer: CompressedLayer, digits: Tensor | None = None, bitcast: bool = False,
+        scratch: Scratch | None = None,
+    ):
         super().__init__()
         self.bitcast = bitcast
+        # a weight small enough for the allocator to keep in its pools gains nothing from a scratch
+        direct = scratch is not None and math.prod(layer.shape) >= _SCRATCH_FROM
+        self.scratch = scratch if direct and lookup_is_last(
+            tuple(layer.shape), layer.spec.bits, layer.codebook, layer.packed, layer.scale, layer.spec.layout,
+            layer.outlier_index) else None
         self.shape = tuple(layer.shape)
         self.dtype = layer.dtype
         self.bits = layer.spec.bits
@@ -48,15 +63,64 @@ class CompressedWeight(nn.Module):
 
     def forward(self, original: Tensor) -> Tensor:
         """The decoded weight; ``original`` (the empty placeholder) is not read."""
+        out = None if self.scratch is None else self.scratch.claim(self.shape, self.dtype, self.packed)
         return decode_packed(
             self.codebook, self.packed, self.shape, self.dtype, self.bits, self.scale, self.layout,
-            self.outlier_index, self.outlier_value, self.digits, self.bitcast,
+            self.outlier_index, self.outlier_value, self.digits, self.bitcast, out,
         )
 
     def extra_repr(self) -> str:
         shape = "x".join(map(str, self.shape))
         return f"shape={shape}, dtype={str(self.dtype).removeprefix('torch.')}, bits={self.bits}, " \
                f"codebook={tuple(self.codebook.shape)}, layout={self.layout!r}"
+
+
+class Scratch:
+    """Memory for the decoded weights of one model's ``CompressedWeight``s, reused from forward to forward.
+
+    A weight decoded into fresh memory costs the operating system's page faults
+    on every forward (most of the decoding's time on some machines: memory that
+    large comes from and goes back to the system each time); decoded into this
+    buffer (the largest weight's size), it is written in place. The buffer is
+    lent only while no tensor but the scratch itself holds its memory (not the
+    last weight, a view or a detached alias of it, nor autograd for backward),
+    so a weight the caller keeps is never overwritten: the next one gets fresh
+    memory. Only on the CPU, with gradients off, and not while tracing
+    (``torch.compile``, ``torch.export``).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffers: dict[torch.dtype, tuple[Tensor, int]] = {}  # each with its storage's use count when free
+
+    def claim(self, shape: tuple[int, ...], dtype: torch.dtype, like: Tensor) -> Tensor | None:
+        """A contiguous (numel,) tensor of ``dtype`` to decode into, or None to decode into fresh memory."""
+        if (torch.is_grad_enabled() or like.device.type != "cpu" or type(like) is not Tensor
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return None
+        numel = math.prod(shape)
+        with self._lock:  # the check and the slice that marks the buffer lent, together
+            buffer, free = self._buffers.get(dtype, (None, 0))
+            if buffer is not None and _use_count(buffer) > free:
+                return None  # a weight decoded into it is still alive
+            if buffer is None or buffer.numel() < numel:
+                del buffer
+                self._buffers.pop(dtype, None)  # released before the larger one is made
+                with torch.inference_mode(False):  # a normal tensor, writable outside inference mode too
+                    buffer = torch.empty(numel, dtype=dtype)
+                self._buffers[dtype] = buffer, _use_count(buffer)
+            return buffer[:numel]
+
+    def __deepcopy__(self, memo: dict) -> Scratch:
+        return Scratch()  # a copied model gets its own, empty
+
+    def __reduce__(self):
+        return Scratch, ()
+
+
+def _use_count(tensor: Tensor) -> int:
+    """How many holders ``tensor``'s memory has (tensors, views, aliases, autograd's saved copies)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 def register_compressed(model: nn.Module, compressed: CompressedModel) -> nn.Module:
@@ -74,12 +138,15 @@ def register_compressed(model: nn.Module, compressed: CompressedModel) -> nn.Mod
     """
     _check_fits(model, compressed._declared(), compressed.aliases)
     _check_parameters(model, compressed)
-    return attach(model, compressed, bitcast=True)
+    return attach(model, compressed, bitcast=True, scratch=Scratch())
 
 
-def attach(model: nn.Module, compressed: CompressedModel, bitcast: bool = False) -> nn.Module:
+def attach(
+    model: nn.Module, compressed: CompressedModel, bitcast: bool = False, scratch: Scratch | None = None
+) -> nn.Module:
     """``register_compressed`` without its checks, for a model already checked against the file
-    (e.g. before ``copy_without_weights`` emptied the weights it replaces); bitcast: see ``CompressedWeight``."""
+    (e.g. before ``copy_without_weights`` emptied the weights it replaces); bitcast, scratch (shared by
+    every layer): see ``CompressedWeight``."""
     tied: dict[str, list[str]] = {}
     for alias, target in compressed.aliases.items():
         tied.setdefault(target, []).append(alias)
@@ -91,7 +158,7 @@ def attach(model: nn.Module, compressed: CompressedModel, bitcast: bool = False)
         for name, layer in compressed.layers.items():
             weight = None
             for each in (name, *tied.get(name, ())):
-                weight = _parametrize(model, each, layer, weight, digits, bitcast)
+                weight = _parametrize(model, each, layer, weight, digits, bitcast, scratch)
     return model
 
 
@@ -151,6 +218,7 @@ def _parametrize(
     weight: CompressedWeight | None,
     digits: dict[int, Tensor],
     bitcast: bool,
+    scratch: Scratch | None,
 ) -> CompressedWeight:
     """Put a ``CompressedWeight`` of ``layer`` (or ``weight``, one already made for a tied name) over the
     parameter ``name`` of ``model``, replacing it by an empty placeholder first. Returns the parametrization."""
@@ -162,6 +230,6 @@ def _parametrize(
     setattr(module, attr, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
     del current
     if weight is None:
-        weight = CompressedWeight(layer, digits.get(layer.spec.bits), bitcast).to(device)
+        weight = CompressedWeight(layer, digits.get(layer.spec.bits), bitcast, scratch).to(device)
     parametrize.register_parametrization(module, attr, weight, unsafe=True)
     return weight

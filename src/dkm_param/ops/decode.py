@@ -32,6 +32,7 @@ def decode_packed(
     outlier_value: Tensor | None = None,
     digits: Tensor | None = None,
     bitcast: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The weight of ``shape`` and ``dtype``: ``scale[row] * codebook[group, index]``, outliers put back.
 
@@ -42,7 +43,11 @@ def decode_packed(
     ``byte_digits(bits)``, when the caller keeps it (else it is computed);
     bitcast: where ``bits`` divides 8, read each byte's values as one 2-, 4-
     or 8-byte integer (a third faster on the CPU; ``view(dtype)``, which
-    ExecuTorch's verifier refuses, so not for exported programs).
+    ExecuTorch's verifier refuses, so not for exported programs); out: a
+    contiguous tensor of ``dtype`` with room for the weight, written and
+    returned (a view of it) where the lookup through the byte table is the
+    last step (no scale, no outliers, a 2-D weight or the "flat" layout, and
+    ``bits`` dividing 8), else ignored.
     Returns a contiguous tensor equal, bit for bit, to ``CompressedLayer.weight()``.
     """
     work = compute_dtype(dtype)
@@ -54,6 +59,8 @@ def decode_packed(
         book = torch.cat([book, book.new_zeros(*book.shape[:-2], (1 << bits) - k, dim)], -2)
     if 8 % bits == 0 and (count // groups * bits) % 8 == 0:
         digits = digits if digits is not None else byte_digits(bits, packed.device)
+        if out is not None and lookup_is_last(shape, bits, codebook, packed, scale, layout_name, outlier_index):
+            return _by_byte_table(book, packed, digits, bitcast, out[: count * dim]).view(shape)
         vectors = _by_byte_table(book, packed, digits, bitcast)
     else:
         vectors = _by_words(book, packed, bits, count, groups)
@@ -74,6 +81,18 @@ def decode_packed(
     return weight
 
 
+def lookup_is_last(
+    shape: tuple[int, ...], bits: int, codebook: Tensor, packed: Tensor, scale: Tensor | None, layout_name: str,
+    outlier_index: Tensor | None,
+) -> bool:
+    """Whether ``decode_packed`` can write the weight straight from the byte table into ``out``: no scale,
+    no outliers, no reordering of the layout, ``bits`` dividing 8, every group's indices on whole bytes."""
+    groups, dim = (1, codebook.shape[-1]) if codebook.dim() == 2 else (codebook.shape[0], codebook.shape[-1])
+    count = math.prod(shape) // dim
+    return (8 % bits == 0 and (count // groups * bits) % 8 == 0 and packed.numel() * (8 // bits) == count
+            and scale is None and outlier_index is None and (layout_name == "flat" or len(shape) <= 2))
+
+
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer types by their size in bytes
 
 
@@ -83,10 +102,11 @@ def byte_digits(bits: int, device: torch.device | None = None) -> Tensor:
     return torch.arange(256, device=device)[:, None] // _powers(1 << bits, per, device) % (1 << bits)
 
 
-def _by_byte_table(book: Tensor, packed: Tensor, digits: Tensor, bitcast: bool) -> Tensor:
+def _by_byte_table(book: Tensor, packed: Tensor, digits: Tensor, bitcast: bool, out: Tensor | None = None) -> Tensor:
     """Every byte's values at once, from a (groups * 256, 8 // bits * d) table indexed by the bytes.
 
     Needs each group's indices to start on a byte (true whenever the group's bits fill whole bytes).
+    out: a contiguous tensor of exactly the values' size to write them into.
     Returns (bytes, 8 // bits * d).
     """
     index = packed.to(torch.int32)
@@ -99,10 +119,14 @@ def _by_byte_table(book: Tensor, packed: Tensor, digits: Tensor, bitcast: bool) 
             group = torch.arange(packed.numel(), device=packed.device, dtype=torch.int32) // (packed.numel() // groups)
             index = index + group * 256
     word = _WORDS.get(table.shape[1] * table.element_size()) if bitcast else None
+    rows = None if out is None else out.view(-1, table.shape[1])
     if word is None:
-        return table.index_select(0, index)
+        return table.index_select(0, index) if rows is None else torch.index_select(table, 0, index, out=rows)
     # a row of 2, 4 or 8 bytes read as one integer: a gather of single values, a third faster than of rows
     words = table.contiguous().view(word).reshape(-1)
+    if rows is not None:
+        torch.index_select(words, 0, index, out=rows.view(word).reshape(-1))
+        return rows
     return words.index_select(0, index).view(table.dtype).reshape(-1, table.shape[1])
 
 
