@@ -141,9 +141,40 @@ def test_sorting_by_integer_keys_orders_floats_as_argsort_does(values, dtype):
 def test_starts_run_together_give_the_best_of_running_each_alone(k, seed):
     gen = torch.Generator().manual_seed(seed)
     values = torch.cat([torch.randn(300, generator=gen), 4 + torch.rand(40, generator=gen)])
-    data = kmeans._Sorted(values, None)
+    rows = kmeans._Rows([kmeans._Sorted(values, None)])
     starts = torch.stack([values[torch.randperm(len(values), generator=gen)[:k]].double() for _ in range(3)])
-    alone = [data.lloyd(start[None], 300) for start in starts]
-    together = data.lloyd(starts, 300)
-    best = min(alone, key=lambda run: run[1])
-    assert together[1] == best[1] and torch.equal(together[0], best[0])
+    alone = [rows.lloyd(start[None, None], 300) for start in starts]
+    together = rows.lloyd(starts[None], 300)
+    best = min(alone, key=lambda run: float(run[1][0]))
+    assert torch.equal(together[1], best[1]) and torch.equal(together[0], best[0])
+
+
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 16), st.booleans(), seeds), min_size=1, max_size=6))
+def test_many_inputs_clustered_together_give_what_each_gets_alone(inputs):
+    values, ks, weights, starts = [], [], [], []
+    for n, k, weighted, seed in inputs:
+        gen = torch.Generator().manual_seed(seed)
+        # a few distinct values (the exact case), heavy tails, and a cluster far out
+        each = torch.randn(n, generator=gen) ** 3 if n % 3 else torch.randint(0, 5, (n,), generator=gen).float()
+        values.append(torch.cat([each, 40 + torch.rand(n // 50, generator=gen)]))
+        weights.append(torch.rand(len(values[-1]), generator=gen) if weighted else None)
+        ks.append(k)
+        starts.append(seed)
+    together = kmeans.kmeans_1d_many(values, ks, weights, starts)
+    for v, k, w, seed, (centroids, error) in zip(values, ks, weights, starts, together):
+        alone = kmeans.kmeans_1d(v, k, weights=w, seed=seed)
+        assert torch.equal(centroids, alone[0]) and error == alone[1]
+        assert centroids.shape == (k,) and not centroids.is_inference()
+
+
+def test_large_inputs_batch_with_small_ones_on_their_histogram(monkeypatch):
+    monkeypatch.setattr(kmeans, "_HISTOGRAM_ABOVE", 2000)
+    monkeypatch.setattr(kmeans, "_BATCH_VALUES", 6000)  # two of the small ones a batch, the large one alone
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(n, generator=gen) for n in (1500, 5000, 1200, 1800)]
+    together = kmeans.kmeans_1d_many(values, 8)
+    for v, (centroids, error) in zip(values, together):
+        alone = kmeans.kmeans_1d(v, 8)
+        assert torch.equal(centroids, alone[0]) and error == alone[1]
+    with pytest.raises(ValueError, match="2 inputs but 1 k"):
+        kmeans.kmeans_1d_many(values[:2], [8])

@@ -263,3 +263,28 @@ def test_a_codebook_that_overflows_its_stored_dtype_is_refused_before_the_model_
     with pytest.raises(dp.DKMError, match="layer '0': (.*overflow float16|codebook holds NaN or Inf)"):
         dp.palettize(model, dp.Policy(small_layer_bits=None), codebook_dtype=torch.float16)
     assert torch.equal(model[0].weight, before)
+
+
+def test_layers_clustered_together_are_what_each_gets_alone():
+    from dkm_param.posttrain.palettize import cluster_weight, cluster_weights
+
+    torch.manual_seed(0)
+    pruned = torch.randn(24, 40)
+    pruned[pruned.abs() < 0.5] = 0
+    items = [
+        (torch.randn(64, 48), dp.LayerSpec(bits=4), "plain", None, None),
+        (torch.randn(32, 48), dp.LayerSpec(bits=3, group_size=8, seed=5), "grouped", None, None),
+        (torch.randn(16, 8, 3, 3), dp.LayerSpec(bits=2, channel_scale=True), "scaled", torch.rand(16, 8, 3, 3), None),
+        (pruned, dp.LayerSpec(bits=3, preserve_zeros=True), "pruned", None, None),
+        (torch.randn(40, 40), dp.LayerSpec(bits=4), "outliers", None, torch.rand(40, 40) > 0.98),
+        (torch.randn(32, 32), dp.LayerSpec(bits=2, dim=2), "vectors", None, None),
+        (torch.randn(48, 32).bfloat16(), dp.LayerSpec(bits=4, group_size=16), "bf16", None, None),
+    ]
+    together = cluster_weights(items)
+    for item, layer in zip(items, together):
+        weight, spec, name, importance, outliers = item
+        alone = cluster_weight(weight, spec, name, importance, outliers=outliers)
+        assert torch.equal(layer.codebook, alone.codebook), item[2]
+        assert torch.equal(layer.indices, alone.indices), item[2]
+        assert (layer.scale is None) == (alone.scale is None)
+        assert layer.scale is None or torch.equal(layer.scale, alone.scale)

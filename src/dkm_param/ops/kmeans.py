@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,8 @@ _SEED_SAMPLE = 1 << 16
 _HISTOGRAM_ABOVE = 1 << 18
 _BINS = 1 << 20
 _HISTOGRAM_CHUNK = 1 << 22  # values binned at a time
+# 1-D k-means runs the Lloyd steps of several inputs together, padded to at most this many values.
+_BATCH_VALUES = 1 << 21
 
 
 def nearest(vectors: Tensor, codebook: Tensor) -> Tensor:
@@ -168,13 +172,6 @@ class _Sorted:
     def distinct(self) -> int:
         return 1 + int((self.x[1:] != self.x[:-1]).sum())
 
-    def bounds(self, centroids: Tensor) -> Tensor:
-        """Start of each sorted centroid's run of values, plus n.  # (..., k+1) for (..., k)"""
-        mids = (centroids[..., 1:] + centroids[..., :-1]) / 2
-        inner = torch.searchsorted(self.x, mids.contiguous(), right=True)
-        edge = (*centroids.shape[:-1], 1)
-        return torch.cat([inner.new_zeros(edge), inner, inner.new_full(edge, self.x.numel())], -1)
-
     def cost(self, start: Tensor, stop: Tensor) -> Tensor:
         """Weighted squared error of values[start:stop] around their mean."""
         w = self.s0[stop] - self.s0[start]
@@ -182,43 +179,89 @@ class _Sorted:
         sse = self.s2[stop] - self.s2[start] - s * s / w.clamp_min(1e-300)
         return torch.where(w > 0, sse.clamp_min(0), torch.zeros_like(sse))
 
+
+class _Rows:
+    """Several ``_Sorted`` sequences padded to one length (values +inf, prefix sums held at their
+    total), for Lloyd steps that serve every row at once: a step's few tensor operations, most of
+    the cost of a small layer, are paid once for all of them. A row's results are those it gets alone.
+    """
+
+    def __init__(self, rows: list[_Sorted]):
+        n = max(row.x.numel() for row in rows)
+        self.lengths = [row.x.numel() for row in rows]
+
+        def padded(t: Tensor, size: int, fill: Tensor | float) -> Tensor:
+            if t.numel() == size:
+                return t
+            extra = t.new_full((size - t.numel(),), fill) if isinstance(fill, float) else fill.expand(size - t.numel())
+            return torch.cat([t, extra])
+
+        if len(rows) == 1:  # views, no copy
+            self.x, self.s0, self.s1, self.s2 = (getattr(rows[0], name)[None] for name in ("x", "s0", "s1", "s2"))
+            return
+        self.x = torch.stack([padded(row.x, n, float("inf")) for row in rows])  # (B, n)
+        self.s0, self.s1, self.s2 = (
+            torch.stack([padded(getattr(row, name), n + 1, getattr(row, name)[-1:]) for row in rows])
+            for name in ("s0", "s1", "s2")
+        )  # (B, n+1)
+
+    def bounds(self, centroids: Tensor) -> Tensor:
+        """Start of each sorted centroid's run of values, plus n.  # (B, S, k+1) for (B, S, k)"""
+        rows, starts, k = centroids.shape
+        mids = (centroids[..., 1:] + centroids[..., :-1]) / 2
+        inner = torch.searchsorted(self.x, mids.reshape(rows, -1).contiguous(), right=True).reshape(rows, starts, k - 1)
+        edge = (rows, starts, 1)
+        return torch.cat([inner.new_zeros(edge), inner, inner.new_full(edge, self.x.shape[1])], -1)
+
+    def _sums(self, bounds: Tensor, orders: int) -> list[Tensor]:
+        """The weight, weighted sum (and sum of squares, orders 3) of each run between ``bounds``.  # (B, S, k)"""
+        index = bounds.reshape(bounds.shape[0], -1)
+        sums = []
+        for prefix in (self.s0, self.s1, self.s2)[:orders]:
+            at = torch.gather(prefix, 1, index).reshape(bounds.shape)
+            sums.append(at[..., 1:] - at[..., :-1])
+        return sums
+
+    def cost(self, bounds: Tensor) -> Tensor:
+        """Weighted squared error of each run between ``bounds`` around its mean.  # (B, S, k)"""
+        w, s, q = self._sums(bounds, 3)
+        sse = q - s * s / w.clamp_min(1e-300)
+        return torch.where(w > 0, sse.clamp_min(0), torch.zeros_like(sse))
+
     def step(self, centroids: Tensor, bounds: Tensor | None = None) -> Tensor:
-        """One Lloyd step from sorted ``centroids`` (..., k) (whose ``bounds`` may be given), each row
-        on its own: each centroid moves to its cluster's mean, an empty one into the worst cluster.
-        # (..., k) sorted"""
+        """One Lloyd step from sorted ``centroids`` (B, S, k) (whose ``bounds`` may be given), each
+        start on its own: each centroid moves to its cluster's mean, an empty one into the worst
+        cluster of its start.  # (B, S, k) sorted"""
         b = self.bounds(centroids) if bounds is None else bounds
-        w = self.s0[b[..., 1:]] - self.s0[b[..., :-1]]
-        s = self.s1[b[..., 1:]] - self.s1[b[..., :-1]]
+        w, s = self._sums(b, 2)
         new = torch.where(w > 0, s / w.clamp_min(1e-300), centroids)
-        if (w <= 0).any():  # move each empty centroid into the worst cluster of its row
-            k = centroids.shape[-1]
-            rows, sse = new.view(-1, k), self.cost(b[..., :-1], b[..., 1:]).reshape(-1, k)
-            starts = b.reshape(-1, k + 1)
-            for row, j in torch.nonzero(w.reshape(-1, k) <= 0).tolist():
-                worst = int(sse[row].argmax())
-                lo, hi = int(starts[row, worst]), int(starts[row, worst + 1])
-                rows[row, j] = self.x[(lo + hi) // 2] if hi - lo > 1 else rows[row, j]
-                sse[row, worst] = 0
+        if (w <= 0).any():  # move each empty centroid into the worst cluster of its start
+            sse = self.cost(b)
+            for row, start, j in torch.nonzero(w <= 0).tolist():
+                worst = int(sse[row, start].argmax())
+                lo, hi = int(b[row, start, worst]), min(int(b[row, start, worst + 1]), self.lengths[row])
+                new[row, start, j] = self.x[row, (lo + hi) // 2] if hi - lo > 1 else new[row, start, j]
+                sse[row, start, worst] = 0
         return torch.sort(new, -1).values
 
     def error(self, centroids: Tensor) -> tuple[Tensor, Tensor]:
-        """The squared error of sorted ``centroids`` (..., k), and their bounds.  # (...), (..., k+1)"""
+        """The squared error of sorted ``centroids`` (B, S, k), and their bounds.  # (B, S), (B, S, k+1)"""
         b = self.bounds(centroids)
-        return self.cost(b[..., :-1], b[..., 1:]).sum(-1), b
+        return self.cost(b).sum(-1), b
 
-    def lloyd(self, starts: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, float]:
-        """Lloyd from each row of ``starts`` (S, k), repairing empty clusters, accelerated by SQUAREM
+    def lloyd(self, starts: Tensor, max_iter: int, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
+        """Lloyd from each start (B, S, k), repairing empty clusters, accelerated by SQUAREM
         (Varadhan and Roland, 2008: two steps extrapolated along their difference, then one more,
         kept only where it lowers the error), until the clusters stop changing or the squared error
         improves by less than ``tol`` (relative) in a cycle. ``max_iter`` bounds the Lloyd steps.
 
-        The starts run together, each on its own (one that has converged is left as it is): a
-        step's few tensor operations serve every start, which is most of the cost on small layers.
-        Returns the centroids (k,) of the start with the lowest error, and that error.
+        The starts run together, each on its own (one that has converged is left as it is).
+        Returns each row's centroids (B, k) of its start with the lowest error, and that error (B,).
         """
-        c = torch.sort(starts.double().reshape(-1, starts.shape[-1]), -1).values
+        c = torch.sort(starts.double(), -1).values
         error, b = self.error(c)
-        done = torch.zeros(len(c), dtype=torch.bool, device=c.device)
+        done = torch.zeros(c.shape[:2], dtype=torch.bool, device=c.device)
+        count = c.shape[1]
         steps = 0
         while steps < max_iter and not bool(done.all()):
             c1 = self.step(c, b)
@@ -227,23 +270,25 @@ class _Sorted:
             r, v = c1 - c, c2 - 2 * c1 + c
             r_norm, v_norm = r.norm(dim=-1), v.norm(dim=-1)
             fixed = v_norm == 0  # a fixed point, or moving by equal steps: plain Lloyd's c2
-            alpha = (-r_norm / torch.where(fixed, 1.0, v_norm)).clamp(max=-1.0)[:, None]  # -1: plain Lloyd's c2
+            alpha = (-r_norm / torch.where(fixed, 1.0, v_norm)).clamp(max=-1.0)[..., None]  # -1: plain Lloyd's c2
             trial = self.step(torch.sort(c - 2 * alpha * r + alpha * alpha * v, -1).values)
             steps += 1
-            both, both_b = self.error(torch.cat([trial, c2]))  # one call for the two candidates' errors
-            now, plain, moved, plain_b = both[: len(c)], both[len(c) :], both_b[: len(c)], both_b[len(c) :]
+            both, both_b = self.error(torch.cat([trial, c2], 1))  # one call for the two candidates' errors
+            now, plain = both[:, :count], both[:, count:]
+            moved, plain_b = both_b[:, :count], both_b[:, count:]
             take_plain = fixed | (plain < now)
-            trial = torch.where(take_plain[:, None], c2, trial)
-            moved = torch.where(take_plain[:, None], plain_b, moved)
+            trial = torch.where(take_plain[..., None], c2, trial)
+            moved = torch.where(take_plain[..., None], plain_b, moved)
             now = torch.where(take_plain, plain, now)
             finished = fixed | (moved == b).all(-1) | (error - now <= tol * now)
-            c = torch.where(done[:, None], c, trial)
-            b = torch.where(done[:, None], b, moved)
+            c = torch.where(done[..., None], c, trial)
+            b = torch.where(done[..., None], b, moved)
             error = torch.where(done, error, torch.minimum(error, now))
             done = done | finished
         final = self.error(c)[0]
-        best = int(final.argmin())
-        return c[best], float(final[best])
+        best = final.argmin(-1)  # (B,): the first of equals
+        rows = torch.arange(len(c), device=c.device)
+        return c[rows, best], final[rows, best]
 
 
 def kmeans_1d(
@@ -266,20 +311,64 @@ def kmeans_1d(
         density-based starts under-serve them, none above.
     Returns (sorted centroids (k,), inertia).
     """
+    return kmeans_1d_many([values], k, [weights], seed, restarts, max_iter)[0]
+
+
+def kmeans_1d_many(
+    values: Sequence[Tensor],
+    k: int | Sequence[int],
+    weights: Sequence[Tensor | None] | None = None,
+    seed: int | Sequence[int] = 0,
+    restarts: int | None = None,
+    max_iter: int = 300,
+) -> list[tuple[Tensor, float]]:
+    """``kmeans_1d`` of each of ``values`` (with the matching ``k``, ``weights`` and ``seed``
+    where those are sequences), each result the one it gets alone, with the Lloyd steps of inputs
+    of the same k and similar size run together (batches of at most _BATCH_VALUES padded values):
+    many small layers or groups pay a step's few tensor operations, most of a small input's time,
+    once. Returns [(sorted centroids (k,), inertia)] in the order of ``values``.
+    """
+    count = len(values)
+    ks = [k] * count if isinstance(k, int) else list(k)
+    seeds = [seed] * count if isinstance(seed, int) else list(seed)
+    weights = [None] * count if weights is None else list(weights)
+    if not len(ks) == len(seeds) == len(weights) == count:
+        raise ValueError(f"{count} inputs but {len(ks)} k, {len(seeds)} seeds and {len(weights)} weights")
+    results: list = [None] * count
     with torch.inference_mode():  # no autograd bookkeeping in the many small steps
-        centroids, error = _kmeans_1d(values.reshape(-1), k, weights, seed, restarts, max_iter)
-    return centroids.clone(), error  # a clone made out of inference mode is an ordinary tensor
+        pending = []
+        for i, (each, clusters, mass, start_seed) in enumerate(zip(values, ks, weights, seeds)):
+            data, starts = _prepared(each.reshape(-1), clusters, mass, start_seed, restarts)
+            if starts is None:  # exact: every distinct value is a centroid
+                results[i] = (_pad(torch.unique_consecutive(data.x), clusters).to(each.dtype), 0.0)
+            else:
+                pending.append((i, data, starts, each.dtype))
+        # the same k, and similar lengths together: little padding
+        pending.sort(key=lambda item: (len(item[2][0]), item[1].x.numel()))
+        batch: list = []
+        for item in pending:
+            full = batch and (len(batch) + 1) * item[1].x.numel() > _BATCH_VALUES
+            if batch and (full or len(batch[0][2][0]) != len(item[2][0])):
+                _lloyd_batch(batch, max_iter, results)
+                batch = []
+            batch.append(item)
+        if batch:
+            _lloyd_batch(batch, max_iter, results)
+    # clones made out of inference mode are ordinary tensors
+    return [(centroids.clone(), error) for centroids, error in results]
 
 
-def _kmeans_1d(
-    values: Tensor, k: int, weights: Tensor | None, seed: int, restarts: int | None, max_iter: int
-) -> tuple[Tensor, float]:
+def _prepared(
+    values: Tensor, k: int, weights: Tensor | None, seed: int, restarts: int | None
+) -> tuple[_Sorted, list[Tensor] | None]:
+    """The sorted values (or their histogram) and Lloyd's starts; no starts where there are at
+    most ``k`` distinct values."""
     large = values.numel() > _HISTOGRAM_ABOVE
     data = _histogram(values, weights) if large else _Sorted(values, weights)
     if restarts is None:
         restarts = 0 if large else 1
-    if data.distinct() <= k:  # exact: every distinct value is a centroid
-        return _pad(torch.unique_consecutive(data.x), k).to(values.dtype), 0.0
+    if data.distinct() <= k:
+        return data, None
     levels = (torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k
     starts = [_quantiles(data, levels, power=1 / 3), _quantiles(data, levels, power=1.0)]
     generator = torch.Generator().manual_seed(seed)
@@ -287,8 +376,17 @@ def _kmeans_1d(
         torch.randint(data.x.numel(), (min(data.x.numel(), _SEED_SAMPLE),), generator=generator).to(data.x.device)
     ]
     starts += [kmeans_plusplus(sample[:, None], k, generator)[:, 0] for _ in range(restarts)]
-    centroids, error = data.lloyd(torch.stack([start.double() for start in starts]), max_iter)
-    return centroids.to(values.dtype), error
+    return data, [start.double() for start in starts]
+
+
+def _lloyd_batch(batch: list, max_iter: int, results: list) -> None:
+    """Lloyd on the rows of ``batch`` (index, data, starts, dtype) together, into ``results``.
+    Rows with fewer starts repeat their first (the same run twice: the result is unchanged)."""
+    count = max(len(starts) for _, _, starts, _ in batch)
+    starts = torch.stack([torch.stack(s + s[:1] * (count - len(s))) for _, _, s, _ in batch])  # (B, S, k)
+    centroids, errors = _Rows([data for _, data, _, _ in batch]).lloyd(starts, max_iter)
+    for (i, _, _, dtype), found, error in zip(batch, centroids, errors.tolist()):
+        results[i] = (found.to(dtype), error)
 
 
 def _quantiles(data: _Sorted, levels: Tensor, power: float) -> Tensor:

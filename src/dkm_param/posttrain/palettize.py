@@ -85,6 +85,15 @@ def palettize(
     batches = None if calibration is None else calibration_inputs(calibration)
     starts = {id(group[0]): group for group in passes if group}  # rows where a pass of statistics begins
     stats: dict[str, Tensor] = {}
+    window: list = []  # consecutive small layers, clustered together
+
+    def flush() -> None:
+        with threads_for(sum(item[0].numel() for item in window)):  # small work's many tiny operations: one thread
+            found = cluster_weights(window, optimal, codebook_dtype)
+        for item, layer in zip(window, found):
+            layers[weight_key(item[2])] = layer
+        window.clear()
+
     for row in track(rows, total=len(rows), desc="palettizing"):
         if batches is not None and id(row) in starts:
             stats = input_statistics(model, batches, [member.name for member in starts[id(row)]])
@@ -95,19 +104,18 @@ def palettize(
             weight, outliers, row.spec, importance if outlier_by == "sensitivity" else None, row.name
         )
         if batches is None:
-            with threads_for(weight.numel()):  # a small layer's many tiny operations: one thread
-                layer = cluster_weight(
-                    weight, row.spec, row.name, importance, optimal=optimal, codebook_dtype=codebook_dtype,
-                    outliers=exact,
-                )
+            if window and sum(item[0].numel() for item in window) + weight.numel() > _WINDOW:
+                flush()
+            window.append((weight, row.spec, row.name, importance, exact))
         else:
-            layer = calibrated_layer(
+            layers[weight_key(row.name)] = calibrated_layer(
                 weight, module, row.spec, stats.pop(row.name), row.name, importance, optimal, codebook_dtype, damp,
                 exact,
             )
-        layers[weight_key(row.name)] = layer
         for follower in row.followers:
             aliases[weight_key(follower)] = weight_key(row.name)
+    if window:
+        flush()
     if inplace:  # only once every layer has been clustered: an error leaves the model as it was
         with torch.no_grad():
             for row in rows:
@@ -115,6 +123,7 @@ def palettize(
     return assemble(model.state_dict(), layers, aliases, plan.skipped())
 
 
+_WINDOW = 1 << 21  # weight values clustered together at most (layers larger than this, alone)
 _NEAREST_CHUNK = 1 << 20  # vectors assigned at a time: the assignment's temporaries stay a few MiB
 
 
@@ -290,72 +299,120 @@ def cluster_weight(
     layer's sparse part, left out of the k-means (and of the channel scale);
     their vectors take the entry nearest them clamped to the other values' range.
     """
-    seed = getattr(spec, "seed", 0)
-    if not torch.isfinite(weight).all():
-        raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
-    work = weight.to(compute_dtype(weight.dtype))
-    excluded = None
-    if outliers is not None:
-        inliers = work[~outliers]
-        if inliers.numel():
-            work = torch.where(outliers, work.clamp(inliers.min(), inliers.max()), work)
-        grouped = layout.grouped_vectors(outliers.to(torch.uint8), spec.dim, spec.group_size, layout=spec.layout)
-        excluded = grouped.amax(2) > 0  # (G, n): vectors holding an outlier
-        del inliers, grouped
-    scale = layout.channel_scale(work) if spec.channel_scale else None
-    groups = layout.grouped_vectors(work, spec.dim, spec.group_size, scale, spec.layout)  # (G, n, d)
-    masses = None
-    if importance is not None:
-        _check_importance(name, importance, weight)
-        masses = layout.grouped_vectors(
-            importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout
-        ).sum(2)
-        if not torch.isfinite(masses).all() or (masses < 0).any():
-            raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
+    return cluster_weights([(weight, spec, name, importance, outliers)], optimal, codebook_dtype)[0]
+
+
+def cluster_weights(
+    items: list[tuple[Tensor, LayerSpec | StorageSpec, str, Tensor | None, Tensor | None]],
+    optimal: bool = False,
+    codebook_dtype: torch.dtype | None = None,
+) -> list[CompressedLayer]:
+    """``cluster_weight`` of each (weight, spec, name, importance, outliers), the 1-D k-means of
+    every layer and group run together (``kmeans.kmeans_1d_many``): small layers and the groups of
+    a grouped codebook share each Lloyd step's tensor operations. The results are those of
+    ``cluster_weight`` on each alone."""
     check_codebook_dtype(codebook_dtype)
-    stored = codebook_dtype or weight.dtype
-    books, indices = [], []
-    pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
-    for g, vectors in enumerate(groups):
-        zeros = (vectors == 0).all(1) if spec.preserve_zeros else None
-        if zeros is None and excluded is None:  # every vector is fitted: no masked copy of them
-            live, mass = vectors, None if masses is None else masses[g]
-        else:
-            fitted = ~(zeros if excluded is None else excluded[g] if zeros is None else zeros | excluded[g])
-            live = vectors[fitted]
-            mass = None if masses is None else masses[g][fitted]
-        if mass is not None and mass.sum() <= 0:
-            mass = None  # the loss ignores this group: cluster plainly
-        free = spec.clusters - pinned
-        try:
-            if not len(live):
-                codebook = vectors.new_zeros(free, spec.dim)
-            elif spec.dim == 1:
-                engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
-                extra = {} if optimal else {"seed": seed}
-                codebook = engine(live[:, 0], free, weights=mass, **extra)[0][:, None]
+    fits = [_Fit(*item) for item in items]
+    lines = [(fit, g) for fit in fits for g, live in enumerate(fit.live) if fit.spec.dim == 1 and len(live)]
+    if lines and not optimal:
+        found = kmeans.kmeans_1d_many(
+            [fit.live[g][:, 0] for fit, g in lines], [fit.free for fit, g in lines],
+            [fit.mass[g] for fit, g in lines], [fit.seed for fit, g in lines],
+        )
+        for (fit, g), (codebook, _) in zip(lines, found):
+            fit.books[g] = codebook[:, None]
+    return [fit.layer(optimal, codebook_dtype) for fit in fits]
+
+
+class _Fit:
+    """One weight made ready for k-means: its groups of vectors, the ones fitted (``live``) and
+    their masses; ``books`` collects each group's codebook, ``layer`` assigns and packs."""
+
+    def __init__(
+        self, weight: Tensor, spec: LayerSpec | StorageSpec, name: str, importance: Tensor | None,
+        outliers: Tensor | None,
+    ):
+        self.weight, self.spec, self.name, self.outliers = weight, spec, name, outliers
+        self.seed = getattr(spec, "seed", 0)
+        if not torch.isfinite(weight).all():
+            raise DKMError(f"layer '{name}': weight holds NaN or Inf; fix the weights or skip the layer in the policy")
+        work = weight.to(compute_dtype(weight.dtype))
+        excluded = None
+        if outliers is not None:
+            inliers = work[~outliers]
+            if inliers.numel():
+                work = torch.where(outliers, work.clamp(inliers.min(), inliers.max()), work)
+            grouped = layout.grouped_vectors(outliers.to(torch.uint8), spec.dim, spec.group_size, layout=spec.layout)
+            excluded = grouped.amax(2) > 0  # (G, n): vectors holding an outlier
+            del inliers, grouped
+        self.scale = layout.channel_scale(work) if spec.channel_scale else None
+        self.groups = layout.grouped_vectors(work, spec.dim, spec.group_size, self.scale, spec.layout)  # (G, n, d)
+        masses = None
+        if importance is not None:
+            _check_importance(name, importance, weight)
+            masses = layout.grouped_vectors(
+                importance.detach().to(work.dtype), spec.dim, spec.group_size, layout=spec.layout
+            ).sum(2)
+            if not torch.isfinite(masses).all() or (masses < 0).any():
+                raise DKMError(f"layer '{name}': sensitivity must be finite and >= 0")
+        self.pinned = 1 if spec.preserve_zeros else 0  # entry 0 pinned at zero for pruned weights
+        self.free = spec.clusters - self.pinned
+        self.zeros: list[Tensor | None] = []
+        self.live: list[Tensor] = []
+        self.mass: list[Tensor | None] = []
+        for g, vectors in enumerate(self.groups):
+            zeros = (vectors == 0).all(1) if spec.preserve_zeros else None
+            if zeros is None and excluded is None:  # every vector is fitted: no masked copy of them
+                live, mass = vectors, None if masses is None else masses[g]
             else:
-                codebook = kmeans.kmeans_vectors(live, free, weights=mass, seed=seed)[0]
-        except kmeans.EmptyClusterError as exc:
-            raise ClusteringError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
-        codebook = codebook.to(stored).to(work.dtype)  # assign against the codebook as stored
-        found = _nearest_bytes(vectors, codebook, pinned)
-        books.append(torch.cat([codebook.new_zeros(pinned, spec.dim), codebook]))
-        indices.append(found.masked_fill_(zeros, 0) if zeros is not None else found)
-    codebook = books[0] if len(books) == 1 else torch.stack(books)
-    layer = CompressedLayer(
-        shape=tuple(weight.shape),
-        dtype=weight.dtype,
-        spec=spec,
-        codebook=codebook.to(stored).cpu(),
-        indices=(indices[0] if len(indices) == 1 else torch.cat(indices)).cpu(),
-        scale=None if scale is None else scale.cpu(),
-        **sparse_part(weight, outliers),
-    )
-    problem = layer.problem()  # e.g. a codebook that overflows the dtype it is stored in
-    if problem:
-        raise DKMError(f"layer '{name}': {problem}; store the codebook in a wider dtype (codebook_dtype)")
-    return layer
+                fitted = ~(zeros if excluded is None else excluded[g] if zeros is None else zeros | excluded[g])
+                live = vectors[fitted]
+                mass = None if masses is None else masses[g][fitted]
+            if mass is not None and mass.sum() <= 0:
+                mass = None  # the loss ignores this group: cluster plainly
+            self.zeros.append(zeros)
+            self.live.append(live)
+            self.mass.append(mass)
+        self.books: list[Tensor | None] = [None] * len(self.live)
+
+    def layer(self, optimal: bool, codebook_dtype: torch.dtype | None) -> CompressedLayer:
+        """Cluster the groups whose codebook is not in ``books`` yet, assign, and pack."""
+        spec, name, weight = self.spec, self.name, self.weight
+        stored = codebook_dtype or weight.dtype
+        books, indices = [], []
+        for g, vectors in enumerate(self.groups):
+            live, mass, zeros = self.live[g], self.mass[g], self.zeros[g]
+            try:
+                if self.books[g] is not None:
+                    codebook = self.books[g]
+                elif not len(live):
+                    codebook = vectors.new_zeros(self.free, spec.dim)
+                elif spec.dim == 1:
+                    engine = kmeans.kmeans_1d_optimal if optimal else kmeans.kmeans_1d
+                    extra = {} if optimal else {"seed": self.seed}
+                    codebook = engine(live[:, 0], self.free, weights=mass, **extra)[0][:, None]
+                else:
+                    codebook = kmeans.kmeans_vectors(live, self.free, weights=mass, seed=self.seed)[0]
+            except kmeans.EmptyClusterError as exc:
+                raise ClusteringError(f"layer '{name}' ({spec.bits} bits, dim {spec.dim}): {exc}") from None
+            codebook = codebook.to(stored).to(vectors.dtype)  # assign against the codebook as stored
+            found = _nearest_bytes(vectors, codebook, self.pinned)
+            books.append(torch.cat([codebook.new_zeros(self.pinned, spec.dim), codebook]))
+            indices.append(found.masked_fill_(zeros, 0) if zeros is not None else found)
+        codebook = books[0] if len(books) == 1 else torch.stack(books)
+        layer = CompressedLayer(
+            shape=tuple(weight.shape),
+            dtype=weight.dtype,
+            spec=spec,
+            codebook=codebook.to(stored).cpu(),
+            indices=(indices[0] if len(indices) == 1 else torch.cat(indices)).cpu(),
+            scale=None if self.scale is None else self.scale.cpu(),
+            **sparse_part(weight, self.outliers),
+        )
+        problem = layer.problem()  # e.g. a codebook that overflows the dtype it is stored in
+        if problem:
+            raise DKMError(f"layer '{name}': {problem}; store the codebook in a wider dtype (codebook_dtype)")
+        return layer
 
 
 def _weight_order(rows: Tensor, order: Tensor | None, weight: Tensor, module: nn.Module) -> Tensor:
