@@ -101,7 +101,7 @@ def value_codes(values: Tensor, grid: Grid | None = None) -> Tensor:
     """Each value's entry in the table: a half-precision value's bit pattern (0 to 65,535),
     a float32 value's nearest point of ``grid`` (``value_grid``).  # (n,) int32"""
     if grid is None:
-        return values.view(torch.int16).to(torch.int32).bitwise_and_(TABLE_SIZE - 1)
+        return values.view(torch.uint16).to(torch.int32)
     scale = 1.0 / grid.step
     # 0.5 + (v - low) / step in one pass; truncating it (it is >= 0) gives the nearest point
     scaled = torch.addcmul(0.5 - grid.low * scale, values, scale).clamp_(0, grid.size - 1)
