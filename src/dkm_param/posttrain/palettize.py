@@ -99,13 +99,13 @@ def palettize(
             stats = input_statistics(model, batches, [member.name for member in starts[id(row)]])
         module = model.get_submodule(row.name)
         weight = weight_of(module).detach()
+        if window and sum(item[0].numel() for item in window) + weight.numel() > _WINDOW:
+            flush()  # before this layer's own masks are made
         importance = None if sensitivity is None else sensitivity.get(row.name)
         exact = outlier_mask(
             weight, outliers, row.spec, importance if outlier_by == "sensitivity" else None, row.name
         )
         if batches is None:
-            if window and sum(item[0].numel() for item in window) + weight.numel() > _WINDOW:
-                flush()
             window.append((weight, row.spec, row.name, importance, exact))
         else:
             layers[weight_key(row.name)] = calibrated_layer(
