@@ -103,6 +103,32 @@ def test_codes_index_the_table_of_every_value_and_counts_add_up(dtype, seed, n):
     assert int((counts > 0).sum()) == distinct
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_passes_write_into_buffers_kept_from_call_to_call(dtype, monkeypatch):
+    monkeypatch.setattr(table, "_PASS", 1000)  # several passes, the last a short one
+    values = (torch.randn(4500, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype).requires_grad_()
+    codebook, tau, _ = realistic_start(values.detach().float()[:, None], 8)
+    grid = None if dtype != torch.float32 else table.value_grid(*torch.aminmax(values.detach()))
+    runs = []
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):  # buffers made in one serve the others
+        with mode():
+            counts = table.value_counts(values.detach(), grid)
+            out, _, _ = table.table_cluster(values, codebook, tau, 3, 0.0, counts=counts, grid=grid)
+        runs.append((counts.clone(), out.detach().clone()))
+    codes = table._codes(1000, values.device)
+    out.float().pow(2).sum().backward()
+    assert table._codes(1000, values.device).data_ptr() == codes.data_ptr()  # reused, not made again
+    # the passes give what one pass over everything gives
+    monkeypatch.setattr(table, "_PASS", 1 << 19)
+    whole = values.detach().clone().requires_grad_()
+    alone, _, _ = table.table_cluster(whole, codebook, tau, 3, 0.0, counts=table.value_counts(whole.detach(), grid),
+                                      grid=grid)
+    alone.float().pow(2).sum().backward()
+    for counts, soft_values in runs:
+        assert torch.equal(counts, runs[0][0]) and torch.equal(soft_values, alone.detach())
+    assert torch.allclose(values.grad.float(), whole.grad.float(), rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype, b", [(torch.bfloat16, 4), (torch.bfloat16, 8), (torch.float16, 3), (torch.float32, 4)])
 def test_autograd_keeps_the_weight_and_tables_only(dtype, b):
     n, k, max_iter = 50_000, 1 << b, 5

@@ -39,6 +39,7 @@ moves the codebooks by ``1 / c_v`` of what moving them all does).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -62,8 +63,9 @@ GRID_SIZES = (1 << 12, 1 << 20)
 # width of the sharpest transition between centroids with weights near it (the gradient is
 # then within about a percent of the exact one, the soft values far closer)
 GRID_TOLERANCE = 0.05
-# weights read or written per pass: temporaries of a few MiB stay in cache and are reused
-# from pass to pass (larger ones cost page faults and cache misses: twice the time)
+# weights read or written per pass: the passes' temporaries, a few MiB, stay in cache
+# (larger ones cost cache misses) and are written into per-thread buffers kept from call to
+# call (``_buffer``): memory that large, freshly allocated, costs page faults on every pass
 _PASS = 1 << 19
 T = TypeVar("T")
 # attention elements per chunk of the table (4 MiB in float32)
@@ -97,15 +99,20 @@ def value_grid(low: Tensor, high: Tensor, size: int = TABLE_SIZE) -> Grid:
     return Grid(low, step, size)
 
 
-def value_codes(values: Tensor, grid: Grid | None = None) -> Tensor:
+def value_codes(values: Tensor, grid: Grid | None = None, out: Tensor | None = None) -> Tensor:
     """Each value's entry in the table: a half-precision value's bit pattern (0 to 65,535),
-    a float32 value's nearest point of ``grid`` (``value_grid``).  # (n,) int32"""
+    a float32 value's nearest point of ``grid`` (``value_grid``).  # (n,) int32
+    out: an int32 tensor of the values' size to write them into (a float32 grid's codes also
+    use ``_buffer``'s "scaled" one)."""
     if grid is None:
-        return values.view(torch.uint16).to(torch.int32)
+        return values.view(torch.uint16).to(torch.int32) if out is None else out.copy_(values.view(torch.uint16))
     scale = 1.0 / grid.step
     # 0.5 + (v - low) / step in one pass; truncating it (it is >= 0) gives the nearest point
-    scaled = torch.addcmul(0.5 - grid.low * scale, values, scale).clamp_(0, grid.size - 1)
-    return scaled.to(torch.int32)
+    start = 0.5 - grid.low * scale
+    if out is None:
+        return torch.addcmul(start, values, scale).clamp_(0, grid.size - 1).to(torch.int32)
+    scaled = torch.addcmul(start, values, scale, out=_buffer("scaled", torch.float32, values.numel(), values.device))
+    return out.copy_(scaled.clamp_(0, grid.size - 1))
 
 
 def value_table(dtype: torch.dtype, device: torch.device, grid: Grid | None = None) -> Tensor:
@@ -124,8 +131,11 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
     """
     size, flat = _entries(grid), values.reshape(-1)
     counts = values.new_zeros(size, dtype=torch.float32)
-    for part in _each_pass(flat.numel(), lambda a, b: torch.bincount(value_codes(flat[a:b], grid), minlength=size)):
-        counts += part
+
+    def count(a: int, b: int) -> None:
+        counts.add_(torch.bincount(value_codes(flat[a:b], grid, _codes(b - a, flat.device)), minlength=size))
+
+    _each_pass(flat.numel(), count)
     return counts
 
 
@@ -248,7 +258,11 @@ def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     """``table[code(v)]`` for each value, in ``dtype``, pass by pass.  # (n,)"""
     flat, table = values.reshape(-1), table.to(dtype)
     out = torch.empty(flat.shape, dtype=dtype, device=values.device)
-    _each_pass(flat.numel(), lambda a, b: torch.index_select(table, 0, value_codes(flat[a:b]), out=out[a:b]))
+
+    def look(a: int, b: int) -> None:
+        torch.index_select(table, 0, value_codes(flat[a:b], None, _codes(b - a, flat.device)), out=out[a:b])
+
+    _each_pass(flat.numel(), look)
     return out
 
 
@@ -258,11 +272,31 @@ def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Ten
     out = torch.empty_like(flat)
 
     def work(a: int, b: int) -> None:
-        codes = value_codes(flat[a:b], grid)
-        torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(base.index_select(0, codes))
+        codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
+        gathered = torch.index_select(base, 0, codes, out=_buffer("first", torch.float32, b - a, flat.device))
+        torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(gathered)
 
     _each_pass(flat.numel(), work)
     return out
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(name: str, dtype: torch.dtype, n: int, device: torch.device) -> Tensor:
+    """This thread's buffer ``name`` of at least ``n`` elements of ``dtype`` on ``device``, the
+    first ``n`` of them: a pass's temporary that is not allocated afresh each time.  # (n,)"""
+    buffers = _BUFFERS.__dict__.setdefault("by_key", {})
+    key = (name, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+            buffer = buffers[key] = torch.empty(max(n, _PASS), dtype=dtype, device=device)
+    return buffer[:n]
+
+
+def _codes(n: int, device: torch.device) -> Tensor:
+    return _buffer("codes", torch.int32, n, device)
 
 
 def _each_pass(n: int, work: Callable[[int, int], T]) -> list[T]:
@@ -408,13 +442,17 @@ class _TableCluster(torch.autograd.Function):
             per_value = values.new_zeros(size, dtype=torch.float32)  # G_v
             flat = values.reshape(-1)
 
-            def gather(a: int, b: int) -> tuple[Tensor, Tensor]:
-                codes = value_codes(flat[a:b], grid)
-                return codes, torch.bincount(codes, weights=grad[a:b].float(), minlength=size)
+            def upstream(a: int, b: int) -> Tensor:
+                """The pass's gradient in float32 (a half-precision one converted into a buffer)."""
+                part = grad[a:b]
+                return part if part.dtype == torch.float32 else \
+                    _buffer("grad", torch.float32, b - a, part.device).copy_(part)
 
-            passes = _each_pass(flat.numel(), gather)  # each pass's codes, kept for the second loop
-            for _, part in passes:
-                per_value += part
+            def gather(a: int, b: int) -> None:
+                codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
+                per_value.add_(torch.bincount(codes, weights=upstream(a, b), minlength=size))
+
+            _each_pass(flat.numel(), gather)
             points = value_table(values.dtype, values.device, grid)[present]
             orders = 2 if grid is None else 3
             if ctx.iterations == 1:  # the usual step: in closed form, on one attention
@@ -437,16 +475,19 @@ class _TableCluster(torch.autograd.Function):
 
                 def spread(a: int, b: int) -> None:
                     # g_i a_v + b_v, in float32 throughout (mixed-dtype arithmetic is several times slower)
-                    codes = passes[a // _PASS][0]
-                    looked = direct.index_select(0, codes).mul_(grad[a:b].float())
-                    out[a:b] = looked.add_(shared.index_select(0, codes))
+                    codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
+                    first, second = (_buffer(name, torch.float32, b - a, flat.device) for name in ("first", "second"))
+                    looked = torch.index_select(direct, 0, codes, out=first).mul_(upstream(a, b))
+                    out[a:b] = looked.add_(torch.index_select(shared, 0, codes, out=second))
             else:  # the slope at w itself, to first order: s'(u) + (w - u) s''(u)
                 base, bend = _spread(slope - points * bend[0], present, size), _spread(bend[0], present, size)
 
                 def spread(a: int, b: int) -> None:
-                    codes, part = passes[a // _PASS][0], out[a:b]
+                    codes, part = value_codes(flat[a:b], grid, _codes(b - a, flat.device)), out[a:b]
+                    looked = _buffer("first", torch.float32, b - a, flat.device)
                     torch.index_select(bend, 0, codes, out=part).mul_(flat[a:b])
-                    part.add_(base.index_select(0, codes)).mul_(grad[a:b]).add_(shared.index_select(0, codes))
+                    part.add_(torch.index_select(base, 0, codes, out=looked)).mul_(grad[a:b])
+                    part.add_(torch.index_select(shared, 0, codes, out=looked))
 
             _each_pass(flat.numel(), spread)
         return out.view_as(values), None, None, None, None, None, None
