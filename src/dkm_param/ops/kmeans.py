@@ -167,7 +167,6 @@ class _Sorted:
         self.s0 = torch.cat([zero, torch.cumsum(w, 0)])  # (n+1,)
         self.s1 = torch.cat([zero, torch.cumsum(w * self.x, 0)])
         self.s2 = torch.cat([zero, torch.cumsum(w * self.x * self.x, 0)])
-        self._ends = torch.tensor([0, self.x.numel()], device=self.x.device)
 
     def distinct(self) -> int:
         return 1 + int((self.x[1:] != self.x[:-1]).sum())
