@@ -6,7 +6,7 @@ from torch import nn
 
 import dkm_param as dp
 from dkm_param.dkm import register as register_module
-from dkm_param.ops.threads import SMALL_WORK, threads_for
+from dkm_param.ops.threads import SETTLE_WORK, SMALL_WORK, threads_for
 
 
 @pytest.fixture
@@ -49,3 +49,29 @@ def test_registering_and_training_a_small_layer_use_one_thread(two_threads, monk
     model(torch.randn(4, 64)).sum().backward()
     assert seen == [("register", 1), ("forward", 1)]
     assert torch.get_num_threads() == 2
+
+
+def test_registration_settles_on_one_thread_and_a_step_shares_only_a_large_layer(two_threads, monkeypatch):
+    from dkm_param.ops import soft, table
+
+    seen = []
+
+    def recording(module, name):
+        original = getattr(module, name)
+
+        def record(*args, **kwargs):
+            seen.append((name, torch.get_num_threads()))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    recording(soft, "settle")
+    recording(table, "_one_iteration_backward")
+    assert SMALL_WORK <= 512 * 512 < SETTLE_WORK
+    for shape, threads in (((256, 300), 1), ((512, 512), 2)):  # 76,800 and 262,144 weights, at 4 bits
+        model = nn.Sequential(nn.Linear(*shape)).to(torch.bfloat16)
+        seen.clear()
+        dp.register_dkm(model, dp.Policy.from_notation("fc:4/1"))
+        model(torch.randn(4, shape[0], dtype=torch.bfloat16)).sum().backward()
+        assert seen == [("settle", 1), ("_one_iteration_backward", threads)]
+        assert torch.get_num_threads() == 2

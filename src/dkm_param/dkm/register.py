@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import RegistrationError
 from ..ops import layout
-from ..ops.threads import threads_for
+from ..ops.threads import SETTLE_WORK, threads_for
 from ..policy import Plan, Policy, check_materialized, weight_key
 from ..progress import track
 from .exportable import exportable_parametrizations, remove_weight_parametrization
@@ -62,7 +62,7 @@ def register_dkm(
                 f"layer '{row.name}' ({row.module_type}): weight holds NaN or Inf; "
                 "fix the model's weights or skip the layer in the policy"
             )
-        with threads_for(weight.numel()):  # a small layer's many tiny operations: one thread
+        with threads_for(weight.numel(), SETTLE_WORK):  # settling's many small operations: one thread
             param = DKMParametrization(weight, row.spec, name=row.name, codebook=_seed(init, row), skipped=skipped)
         param.process_group = process_group
         built.append((row, param))

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .threads import threads_for
+
 
 class OrderCache:
     """The order in which ``soft_cluster`` grouped one weight's values, kept for its next call.
@@ -730,7 +732,8 @@ class _SoftCluster(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
-        with torch.autocast(grad_soft.device.type, enabled=False):
+        # as many threads as the forward had (DKMParametrization.forward)
+        with torch.autocast(grad_soft.device.type, enabled=False), threads_for(grad_soft.numel()):
             return _SoftCluster._backward(ctx, grad_soft)
 
     @staticmethod

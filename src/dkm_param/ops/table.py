@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ._engine import flushed_exp
+from .threads import threads_for
 
 __all__ = [
     "GRID_SIZES", "HALF_DTYPES", "TABLE_DTYPES", "TABLE_SIZE", "Grid", "GridTooCoarse", "distinct_values",
@@ -437,7 +438,8 @@ class _TableCluster(torch.autograd.Function):
         values, present, weights, first, last = ctx.saved_tensors
         tau, grid = ctx.tau, ctx.grid
         size = _entries(grid)
-        with torch.autocast(values.device.type, enabled=False):
+        # as many threads as the forward had (DKMParametrization.forward)
+        with torch.autocast(values.device.type, enabled=False), threads_for(values.numel()):
             grad = grad_soft.reshape(-1)
             per_value = values.new_zeros(size, dtype=torch.float32)  # G_v
             flat = values.reshape(-1)

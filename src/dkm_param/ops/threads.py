@@ -1,11 +1,16 @@
-"""One intra-op thread for small work: a layer of a few thousand weights is not worth sharing.
+"""One intra-op thread for small work: a small layer's clustering is not worth sharing.
 
-Clustering a small layer is many tiny tensor operations. With several intra-op
-threads each one that torch splits waits for every thread to be scheduled, and
-on a machine whose cores other processes keep busy that wait can cost a
-hundred times the work itself (seconds for a layer of 2,000 weights). Below
-``SMALL_WORK`` values the work runs on one thread, which is also the faster
-choice on an idle machine; above it torch's own setting is kept.
+Clustering a layer is many tensor operations, each on the weight or on its
+table of values: a few dozen in a training step, hundreds while settling at
+registration or in k-means. With several intra-op threads each one that
+torch splits waits for every thread to be scheduled, and on a machine whose
+cores other processes keep busy that wait can cost a hundred times the work
+itself (seconds to register a layer of 2,000 or of 80,000 weights). So a
+training step clusters a layer of fewer than ``SMALL_WORK`` weights on one
+thread, and registration and k-means (``SETTLE_WORK``, their operations many
+and each small) one of fewer than 2M; on an idle 2-core machine one thread is
+as fast there (measured: within noise, both ways). Above them torch's own
+setting is kept.
 """
 
 from __future__ import annotations
@@ -15,18 +20,19 @@ from typing import Iterator
 
 import torch
 
-SMALL_WORK = 1 << 16  # values: below this a layer's clustering runs on one thread
+SMALL_WORK = 1 << 18  # weights: below this a layer's training step clusters on one thread
+SETTLE_WORK = 1 << 21  # weights: below this registration and k-means run on one thread
 
 
 @contextmanager
-def threads_for(values: int) -> Iterator[None]:
-    """Run the block on one intra-op thread when it works on fewer than ``SMALL_WORK`` values.
+def threads_for(values: int, small: int = SMALL_WORK) -> Iterator[None]:
+    """Run the block on one intra-op thread when it works on fewer than ``small`` values.
 
     torch's thread count is restored on leaving, also on an error; with one
     thread already (or for larger work) nothing is changed.
     """
     previous = torch.get_num_threads()
-    if values >= SMALL_WORK or previous == 1:
+    if values >= small or previous == 1:
         yield
         return
     torch.set_num_threads(1)
