@@ -1,4 +1,4 @@
-from dkm_param.tables import format_size, natural_key, render_table
+from dkm_param.tables import format_size, natural_key, plural, render_table
 
 
 def test_columns_are_padded_to_their_widest_cell_and_numbers_align_right():
@@ -14,6 +14,21 @@ def test_columns_are_padded_to_their_widest_cell_and_numbers_align_right():
 
 def test_a_rule_below_the_rows_when_asked():
     assert render_table(("a", "b"), [("1", "2")], rule_below=True).splitlines() == ["a  b", "----", "1  2", "----"]
+
+
+def test_long_notes_go_under_the_table_once_each_wrapped_to_its_width():
+    long = "a reason " * 12
+    rows = [("layer.0", "short"), ("layer.1", long.strip()), ("layer.2", long.strip())]
+    lines = render_table(("layer", "note"), rows, footer=["total: " + "word " * 30], notes=True, width=40).splitlines()
+    assert lines[:5] == ["layer    note", "--------------", "layer.0  short", "layer.1  [1]", "layer.2  [1]"]
+    told = lines[5:lines.index(next(line for line in lines if line.startswith("total")))]
+    assert told[0].startswith("[1] a reason") and all(line.startswith("    ") for line in told[1:])
+    assert " ".join(line.strip() for line in told) == "[1] " + long.strip()  # told whole, once
+    assert max(map(len, lines)) <= 40 and sum(line.startswith("[") for line in lines) == 1
+
+
+def test_plural_counts():
+    assert [plural(n, "layer") for n in (0, 1, 2, 1500)] == ["0 layers", "1 layer", "2 layers", "1,500 layers"]
 
 
 def test_sizes_read_in_binary_units():

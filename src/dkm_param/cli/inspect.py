@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..format import FORMAT_NAME, CompressedModel
-from ..tables import format_size, printable, render_table
+from ..tables import format_size, plural, printable, render_table
 
 
 def facts(path: Path, compressed: CompressedModel) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def facts_text(facts: dict[str, Any]) -> str:
     ]
     lines += [f"metadata {printable(key)}: {printable(value)}" for key, value in facts["metadata"].items()]
     lines.append("")
-    header = ("layer", "shape", "bits", "dim", "codebook", "bits/w", "params", "before", "after", "notes")
+    header = ("layer", "shape", "bits/dim", "codebook", "bits/w", "weights", "before", "after", "notes")
     table = []
     for layer in facts["layers"]:
         notes = []
@@ -92,8 +92,7 @@ def facts_text(facts: dict[str, Any]) -> str:
         table.append((
             printable(layer["name"]),
             _dims(layer["shape"]),
-            str(layer["bits"]),
-            str(layer["dim"]),
+            f"{layer['bits']}/{layer['dim']}",
             f"{_dims(layer['codebook'])} {layer['codebook_dtype']}",
             f"{layer['bits_per_weight']:.2f}",
             f"{layer['params']:,}",
@@ -101,7 +100,7 @@ def facts_text(facts: dict[str, Any]) -> str:
             format_size(layer["bytes_after"]),
             "; ".join(notes),
         ))
-    lines.append(render_table(header, table, right={5, 6, 7, 8}))
+    lines.append(render_table(header, table, right={4, 5, 6, 7}, notes=True))
     plain = facts["tensors"]
     lines.append("")
     lines.append(f"stored plain ({len(plain)} tensors, {format_size(sum(t['bytes'] for t in plain))}):")
@@ -114,7 +113,7 @@ def facts_text(facts: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"total: {format_size(facts['bytes_before'])} -> {format_size(facts['bytes_after'])}, "
-        f"compression {_ratio(facts['ratio'])} ({len(facts['layers'])} layers clustered)"
+        f"compression {_ratio(facts['ratio'])} ({plural(len(facts['layers']), 'layer')} clustered)"
     )
     return "\n".join(lines)
 

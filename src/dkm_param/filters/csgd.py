@@ -220,7 +220,7 @@ class FilterPlan(list):
             for r in self
         ]
         footer = [f"{len(self.clustered())} clustered, {len(self.skipped())} skipped"]
-        return render_table(("layer", "type", "channels", "after", "decision"), rows, footer=footer)
+        return render_table(("layer", "type", "channels", "after", "decision"), rows, footer=footer, notes=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready), so a plan can be saved between training and surgery."""

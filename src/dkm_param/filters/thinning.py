@@ -100,7 +100,7 @@ class ThinReport:
             footer.append(f"MACs: {self.macs_before:,} -> {self.macs_after:,} ({self.mac_ratio:.3f}x)")
         if self.max_diff is not None:
             footer.append(f"max |thin - original| on the example input: {self.max_diff:.3g}")
-        return render_table(("layer", "channels", "thin", "consumers folded"), rows, footer=footer)
+        return render_table(("layer", "channels", "thin", "consumers folded"), rows, footer=footer, notes=True)
 
 
 def thin(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..ops.dtypes import itemsize
 from ..policy import weight_key
-from ..tables import format_size, render_table
+from ..tables import format_size, plural, render_table
 
 if TYPE_CHECKING:
     from .model import CompressedModel
@@ -29,10 +29,6 @@ class SummaryRow:
     def bits_per_weight(self) -> float:
         """Bits per weight in the file, codebook included."""
         return 8 * self.bytes_after / self.params if self.params else 0.0
-
-
-# notes longer than this go under the table, so that it fits a terminal
-_NOTE_WIDTH = 24
 
 
 @dataclass(frozen=True)
@@ -61,13 +57,6 @@ class Summary:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
 
     def __str__(self) -> str:
-        footnotes: dict[str, str] = {}  # long notes, each told once under the table
-
-        def short(note: str) -> str:
-            if len(note) <= _NOTE_WIDTH:
-                return note
-            return footnotes.setdefault(note, f"[{len(footnotes) + 1}]")
-
         rows = []
         for r in self.rows:
             notes = [f"{r.outliers:,} kept exact"] if r.outliers else []
@@ -79,18 +68,17 @@ class Summary:
                 f"{r.bits_per_weight:.2f}",
                 format_size(r.bytes_before),
                 format_size(r.bytes_after),
-                short("; ".join(notes)),
+                "; ".join(notes),
             ))
         other = format_size(self.other_bytes)
         rows.append((f"other tensors ({self.other_tensors})", "", "", "", other, other, "kept as they are"))
         clustered = len([r for r in self.rows if r.bits])
         total = (
             f"total: {format_size(self.bytes_before)} -> {format_size(self.bytes_after)}, "
-            f"compression {self.ratio:.2f}x ({clustered} layers clustered)"
+            f"compression {self.ratio:.2f}x ({plural(clustered, 'layer')} clustered)"
         )
-        notes = [f"{mark} {note}" for note, mark in footnotes.items()]
         header = ("layer", "shape", "bits/dim", "bits/w", "before", "after", "note")
-        return render_table(header, rows, right={3, 4, 5}, footer=[*notes, total], rule_below=True)
+        return render_table(header, rows, right={3, 4, 5}, footer=[total], rule_below=True, notes=True)
 
 
 def summarize(model: CompressedModel) -> Summary:
@@ -126,7 +114,7 @@ def summarize(model: CompressedModel) -> Summary:
     for reason, tensors in groups.items():
         numel = sum(t.numel() for t in tensors)
         size = sum(t.numel() * t.element_size() for t in tensors)
-        name = f"({len(tensors)} weights, {numel:,} values)"
+        name = f"({plural(len(tensors), 'tensor')}, {numel:,} values)"
         rows.append(SummaryRow(name, (), None, None, numel, size, size, f"skipped: {reason}"))
     others = [t for k, t in model.tensors.items() if k not in skipped_weights]
     other_bytes = sum(t.numel() * t.element_size() for t in others)
