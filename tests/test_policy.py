@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torchvision
@@ -341,3 +343,55 @@ def test_a_layer_clustering_would_make_larger_is_kept_or_refused_when_named():
     half = dp.Policy(small_layer_bits=None).plan(nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16))
     assert half.row("0").spec is None  # a bfloat16 codebook: 32 B and 8 B of indices
     assert half.row("0").reason.endswith("would take 40 B with the codebook, not less than its own 32 B in bfloat16")
+
+
+def test_an_override_giving_a_spec_must_reach_a_layer_that_is_clustered():
+    model = small_net()  # '1' is a BatchNorm: it owns a weight, which is never clustered
+    with pytest.raises(dp.SpecError, match=r"policy overrides '1' \(a BatchNorm2d, not a conv, linear or embedding"):
+        dp.Policy(overrides={"1": dp.LayerSpec(bits=2)}).plan(model)
+    with pytest.raises(dp.SpecError, match=r"policy overrides '1\|2' \(no conv, linear or embedding layer matches"):
+        dp.Policy(overrides={"1|2": dp.LayerSpec(bits=2)}).plan(model)  # a pattern reaching only the BatchNorm
+    # skipping it, or naming it None, says what happens anyway: allowed, as is a pattern reaching a conv too
+    assert dp.Policy(overrides={"1": None}, skip=("1",)).plan(model).row("1").spec is None
+    plan = dp.Policy(overrides={"[01]": dp.LayerSpec(bits=8)}, small_layer_bits=None).plan(model)
+    assert plan.row("0").spec.bits == 8 and plan.row("1").spec is None
+
+
+@pytest.mark.parametrize(
+    "given, closest", [("fc.weight", "'fc'"), ("FC", "'fc'"), ("Layer1.0.Conv1", "'layer1.0.conv1'")]
+)
+def test_a_state_dict_key_or_another_case_is_pointed_at_its_module(given, closest):
+    with pytest.raises(dp.SpecError, match=rf"policy skip {re.escape(repr(given))} \(no module that owns a weight "
+                       rf"matches it; closest: {closest}"):
+        dp.Policy(skip=(given,)).plan(torchvision.models.resnet18())
+
+
+def test_a_policy_that_clusters_nothing_is_an_error_saying_why_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for apply in (dp.register_dkm, dp.palettize):
+        with pytest.raises(dp.SpecError, match=r"the policy clusters no layer of Sequential \(2 layers: kind fc has no "
+                           r"spec and the policy's default is None\); give the kinds it has a spec"):
+            apply(model, dp.Policy.from_notation("cv:4/1"))
+    with pytest.raises(dp.SpecError, match=r"clusters no layer of Identity \(it has no module that owns a weight\)"):
+        dp.palettize(nn.Identity(), dp.Policy())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype, codebook_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_a_wider_codebook_dtype_never_stores_a_layer_larger(dtype, codebook_dtype):
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 400)).to(dtype)  # 600 and 12,000 weights
+    plan = dp.Policy().plan(model, codebook_dtype)
+    small = plan.row("0")  # 8 bits: 256 entries of codebook outweigh 600 weights
+    assert small.spec is None and f"with the codebook in {str(codebook_dtype)[6:]}" in small.reason
+    assert dp.Policy().plan(model).row("0").spec.bits == 8  # with the codebook in the weight's own dtype
+    compressed = dp.palettize(model, dp.Policy(), codebook_dtype=codebook_dtype, inplace=False)
+    assert list(compressed.layers) == ["2.weight"]
+    for layer in compressed.layers.values():
+        assert layer.codebook.dtype == codebook_dtype and layer.nbytes < layer.numel * dtype.itemsize
+    summary = compressed.summary()
+    assert summary.bytes_after < summary.bytes_before
+    with pytest.raises(dp.SpecError, match=r"layer '0' .*would take .* with the codebook in .*store the codebooks in "
+                       r"the weight dtype"):
+        dp.Policy(overrides={"0": dp.LayerSpec(bits=8)}).plan(model, codebook_dtype)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -23,7 +24,7 @@ from .ops import layout
 from .ops.dtypes import DTYPES, compute_dtype, dtype_name, is_supported, itemsize
 from .ops.packing import packed_size
 from .spec import CONFIG_VERSION, MAX_BITS, LayerSpec, StorageSpec, config_from_dict, show_value
-from .tables import render_table
+from .tables import plural, render_table
 
 KINDS = ("cv", "fc", "emb")
 _SUPPORTED = ", ".join(DTYPES)  # the dtypes the file format holds
@@ -109,9 +110,26 @@ class Plan(list):
             bits = str(r.spec.bits) if r.spec else "-"
             dim = str(r.spec.dim) if r.spec else "-"
             decision = r.reason if r.spec is None or r.tied_to else f"cluster: {r.reason}"
-            rows.append((r.name, r.module_type, r.kind or "-", str(r.numel), bits, dim, decision))
+            rows.append((r.name, r.module_type, r.kind or "-", f"{r.numel:,}", bits, dim, decision))
         footer = [f"{len(self.clustered())} clustered, {len(self.skipped())} skipped"]
-        return render_table(("layer", "type", "kind", "weights", "bits", "dim", "decision"), rows, footer=footer)
+        header = ("layer", "type", "kind", "weights", "bits", "dim", "decision")
+        return render_table(header, rows, right={3}, footer=footer, notes=True)
+
+    def require_clustered(self, model: nn.Module) -> list[LayerPlan]:
+        """The rows clustered; SpecError, with why each layer was left, when there are none."""
+        rows = self.clustered()
+        if rows:
+            return rows
+        reasons: dict[str, int] = {}
+        for row in self:
+            reasons[row.reason] = reasons.get(row.reason, 0) + 1
+        why = "; ".join(f"{plural(count, 'layer')}: {reason}" for reason, count in list(reasons.items())[:4])
+        seen = f" ({why})" if why else " (it has no module that owns a weight)"
+        raise SpecError(
+            f"the policy clusters no layer of {type(model).__name__}{seen}; give the kinds it has a spec "
+            "(e.g. Policy.from_notation('cv:4/1, fc:4/1')) or name layers in overrides; print(policy.plan(model)) "
+            "shows every decision"
+        )
 
 
 @dataclass(frozen=True)
@@ -278,19 +296,27 @@ class Policy:
             return None, f"kind {kind} has no spec and the policy's default is None", "default"
         return self.default, "default", "default"
 
-    def plan(self, model: nn.Module) -> Plan:
+    def plan(self, model: nn.Module, codebook_dtype: torch.dtype | None = None) -> Plan:
         """Decide every module that owns a weight, without touching the model.
 
         Each row's reason says why the layer got its bits or was skipped.
+        codebook_dtype: the dtype the codebooks will be stored in (default:
+        each weight's own, as ``finalize`` and ``palettize`` store them); a
+        layer that would not be smaller clustered is kept as it is.
         Raises SpecError for a name or pattern in ``skip`` or ``overrides``
         that matches no module with a weight (listing the closest names), for
-        a misfit or a layer made larger on an exactly named layer, and for a
-        misfit on any selected layer when ``strict``.
+        an override giving a spec that matches only modules whose weights are
+        not clustered (a BatchNorm, a LayerNorm), for a misfit or a layer made
+        larger on an exactly named layer, and for a misfit on any selected
+        layer when ``strict``.
         """
         candidates = list(_weighted_modules(model))
         entries = [("policy skip", pattern) for pattern in self.skip]
         entries += [("policy overrides", key) for key in self.overrides]
         check_names_match(model, entries, [name for name, _, _ in candidates], "module that owns a weight")
+        clustered_kinds = [(name, module) for name, module, _ in candidates if layer_kind(module) is not None]
+        given = [("policy overrides", key) for key, spec in self.overrides.items() if spec is not None]
+        check_names_match(model, given, [name for name, _ in clustered_kinds], "conv, linear or embedding layer")
         targets = [name for name, module, _ in candidates if layer_kind(module) is not None]
         edges = {targets[0], targets[-1]} if self.skip_first_last and targets else set()
 
@@ -309,7 +335,7 @@ class Policy:
                 spec, reason = None, "first or last layer (skip_first_last)"
             if spec is not None and general and self.small_layer_bits and numel < self.small_layer_params:
                 if spec.bits < self.small_layer_bits and is_supported(weight.dtype):
-                    spec, reason = self._small_layer(spec, shape, weight.dtype)
+                    spec, reason = self._small_layer(spec, shape, weight.dtype, codebook_dtype or weight.dtype)
             if spec is not None and parametrize.is_parametrized(module, "weight"):
                 kinds = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
                 spec, reason = None, f"its weight already has a parametrization ({kinds}) that would be lost"
@@ -336,41 +362,48 @@ class Policy:
                         )
                     spec, reason = None, misfit
             if spec is not None:
-                stored, dense = stored_size(spec.storage, shape, weight.dtype), numel * itemsize(weight.dtype)
+                stored = stored_size(spec.storage, shape, codebook_dtype or weight.dtype, weight.dtype)
+                dense = numel * itemsize(weight.dtype)
                 if stored >= dense:
                     larger = (
-                        f"bits={spec.bits}, dim={spec.dim} would take {stored:,} B with the codebook, "
-                        f"not less than its own {dense:,} B in {dtype_name(weight.dtype)}"
+                        f"bits={spec.bits}, dim={spec.dim} would take {stored:,} B with the codebook"
+                        f"{_in_dtype(codebook_dtype)}, not less than its own {dense:,} B in {dtype_name(weight.dtype)}"
                     )
                     if source == "name":
                         raise SpecError(
                             f"layer '{name}' ({type(module).__name__}, {numel} weights): {larger}; "
-                            "give it fewer bits or a larger dim, or skip the layer in the policy"
+                            "give it fewer bits or a larger dim"
+                            f"{', store the codebooks in the weight dtype' if codebook_dtype else ''}, "
+                            "or skip the layer in the policy"
                         )
                     spec, reason = None, f"kept as it is: {larger}"
             decided.append(LayerPlan(**row, spec=spec, reason=reason))
         return Plan(_tie(decided, candidates))
 
-    def _small_layer(self, spec: LayerSpec, shape: tuple[int, ...], dtype) -> tuple[LayerSpec | None, str]:
+    def _small_layer(
+        self, spec: LayerSpec, shape: tuple[int, ...], dtype, codebook_dtype
+    ) -> tuple[LayerSpec | None, str]:
         """The small-layer rule: ``small_layer_bits`` bits, or none where those bits would make the layer larger."""
         bits = self.small_layer_bits
         rule = f"small layer (< {self.small_layer_params:,} weights, small_layer_bits={bits})"
         raised = spec.replace(bits=bits)
-        stored, dense = stored_size(raised.storage, shape, dtype), math.prod(shape) * itemsize(dtype)
+        stored, dense = stored_size(raised.storage, shape, codebook_dtype, dtype), math.prod(shape) * itemsize(dtype)
         if spec.misfit(shape) is None and stored >= dense:
             # also where the layer has fewer vectors than 2**bits clusters: their codebook alone outweighs it
             return None, (
-                f"{rule}: kept as it is, as {bits} bits would take {stored:,} B with the codebook, not less than "
+                f"{rule}: kept as it is, as {bits} bits would take {stored:,} B with the codebook"
+                f"{_in_dtype(codebook_dtype if codebook_dtype != dtype else None)}, not less than "
                 f"its own {dense:,} B; small_layer_bits=None clusters it at bits={spec.bits}"
             )
         return raised, f"{rule}: {bits} bits"
 
 
-def stored_size(spec: StorageSpec, shape: tuple[int, ...], dtype) -> int:
-    """Bytes a weight of ``shape`` and ``dtype`` takes clustered with ``spec``: the full codebooks
-    (in the weight's dtype, ``finalize``'s default), the packed indices and the per-channel scales."""
-    codebooks = layout.groups(shape, spec.group_size) * spec.clusters * spec.dim * itemsize(dtype)
-    scales = layout.rows(shape) * itemsize(compute_dtype(dtype)) if spec.channel_scale else 0
+def stored_size(spec: StorageSpec, shape: tuple[int, ...], codebook_dtype, dtype=None) -> int:
+    """Bytes a weight of ``shape`` takes clustered with ``spec``: the full codebooks in
+    ``codebook_dtype``, the packed indices and the per-channel scales (in the compute dtype of
+    the weight's ``dtype``, default ``codebook_dtype``)."""
+    codebooks = layout.groups(shape, spec.group_size) * spec.clusters * spec.dim * itemsize(codebook_dtype)
+    scales = layout.rows(shape) * itemsize(compute_dtype(dtype or codebook_dtype)) if spec.channel_scale else 0
     return codebooks + scales + packed_size(math.prod(shape) // spec.dim, spec.bits)
 
 
@@ -392,8 +425,7 @@ def check_names_match(model: nn.Module, entries: Iterable[tuple[str, str]], name
     modules = dict(model.named_modules(remove_duplicate=False))
     parts = []
     for table, pattern in unmatched:
-        inside = [name for name in names if name.startswith(f"{pattern}.")]
-        close = inside[:3] + difflib.get_close_matches(pattern, [n for n in names if n not in inside], n=3, cutoff=0.6)
+        close = _closest(pattern, names)
         if pattern in modules:
             found = f"a {type(modules[pattern]).__name__}, not a {what}"
         else:
@@ -406,6 +438,25 @@ def check_names_match(model: nn.Module, entries: Iterable[tuple[str, str]], name
         f"(as model.named_modules() gives it{example}) or a regular expression matching whole names; "
         "correct or remove it"
     )
+
+
+def _closest(pattern: str, names: list[str]) -> list[str]:
+    """Names close to an unmatched one: the module a state_dict key (``'fc.weight'``) belongs
+    to, a module's own layers, then names spelled alike, whatever their case."""
+    owner = re.sub(r"\.(weight|bias|original\d*)$", "", pattern)
+    found = [owner] if owner != pattern and owner in names else []
+    found += [name for name in names if name.startswith(f"{pattern}.")][:3]
+    lowered: dict[str, str] = {}
+    for name in names:
+        lowered.setdefault(name.lower(), name)
+    alike = difflib.get_close_matches(pattern.lower(), list(lowered), n=4, cutoff=0.6)
+    found += [lowered[name] for name in alike]
+    return list(dict.fromkeys(found))
+
+
+def _in_dtype(codebook_dtype) -> str:
+    """`` in <dtype>`` for a codebook dtype the caller chose, else nothing."""
+    return f" in {dtype_name(codebook_dtype)}" if codebook_dtype is not None else ""
 
 
 def _is_int(value: Any) -> bool:

@@ -107,3 +107,23 @@ def test_cluster_weight_takes_a_storage_spec():
     weight = torch.randn(8, 12)
     layer = cluster_weight(weight, dp.StorageSpec(bits=2))
     assert layer.spec == dp.StorageSpec(bits=2) and layer.codebook.shape == (4, 1)
+
+
+def test_a_layer_a_wider_codebook_dtype_would_make_larger_is_stored_as_its_snapped_weight(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 400)).to(torch.bfloat16)
+    plan = dp.register_dkm(model, dp.Policy())  # layer 0 at 8 bits: 512 B of bfloat16 codebook and 600 B of indices
+    assert plan.row("0").spec.bits == 8
+    compressed = dp.finalize(model, codebook_dtype=torch.float32)  # 1,024 B of codebook: not less than its 1,200 B
+    assert list(compressed.layers) == ["2.weight"] and "0.weight" in compressed.tensors
+    kept = compressed.tensors["0.weight"]
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, model[0].weight.detach())
+    assert kept.unique().numel() <= 256  # snapped, like every clustered weight
+    row = next(r for r in compressed.summary().rows if r.name == "0.weight")
+    assert row.bits is None and row.bytes_after == row.bytes_before == 1200
+    assert "kept as it is, snapped: with codebooks in float32, 8 bits would take 1,624 B, not less than its own " \
+           "1,200 B in bfloat16" in row.note
+    fresh = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 400)).to(torch.bfloat16)
+    dp.load_compressed(compressed.save(tmp_path / "m.safetensors"), fresh)
+    state = model.state_dict()
+    assert all(torch.equal(value, state[name]) for name, value in fresh.state_dict().items())

@@ -41,7 +41,7 @@ def register_dkm(
     the model is left as it was.
     Raises RegistrationError if the model already has DKM registered or a
     selected weight is on the meta device or holds NaN or Inf, SpecError for
-    a policy that does not fit.
+    a policy that does not fit or clusters no layer of the model.
     """
     policy = policy if policy is not None else Policy()
     registered = next(exportable_parametrizations(model), None)
@@ -51,7 +51,7 @@ def register_dkm(
             "call dp.remove_dkm(model) or dp.finalize(model) before registering again"
         )
     plan = policy.plan(model)
-    rows = plan.clustered()
+    rows = plan.require_clustered(model)
     skipped = tuple(plan.skipped())
     check_materialized(model, rows)
     built = []

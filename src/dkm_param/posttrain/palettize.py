@@ -66,18 +66,19 @@ def palettize(
     outlier_by: which weights: ``"magnitude"`` (largest ``|w|``, per row
         scale where the spec has one) or ``"sensitivity"`` (largest value of
         ``sensitivity``, which must then be given for every layer).
-    Raises RegistrationError for a model with DKM registered, DKMError for a
+    Raises RegistrationError for a model with DKM registered, SpecError for a
+    policy that does not fit or clusters no layer of the model, DKMError for a
     layer calibration cannot read.
     """
     if next(exportable_parametrizations(model), None) is not None:
         raise RegistrationError("model has DKM registered; call dp.finalize(model) instead, or dp.remove_dkm first")
     check_codebook_dtype(codebook_dtype)
     policy = policy if policy is not None else Policy()
-    plan = policy.plan(model)
-    check_materialized(model, plan.clustered())
+    plan = policy.plan(model, codebook_dtype)
+    rows = plan.require_clustered(model)
+    check_materialized(model, rows)
     layers: dict[str, CompressedLayer] = {}
     aliases: dict[str, str] = {}
-    rows = plan.clustered()
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise DKMError(f"damp must be a finite number >= 0 (a fraction of the statistics' mean diagonal), got {damp!r}")
     _check_outliers(outliers, outlier_by, sensitivity, rows)
