@@ -4,7 +4,7 @@ import json
 import sys
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 try:  # numpy has no bfloat16 of its own: ml_dtypes registers one (pip install ml_dtypes)
@@ -58,5 +58,9 @@ def decode(path):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python decode_numpy.py MODEL.safetensors  (prints each decoded weight's dtype and shape)")
-    for name, array in decode(sys.argv[1]).items():
+    try:
+        weights = decode(sys.argv[1])
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # no such file, or not a dkm-param file
+        sys.exit(f"{sys.argv[1]}: cannot decode: {exc}")
+    for name, array in weights.items():
         print(name, array.dtype, array.shape)

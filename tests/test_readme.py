@@ -100,6 +100,28 @@ def test_readme_shows_the_numpy_decoder_verbatim():
     assert any(decoder in block for block in python_blocks())
 
 
+def test_numpy_decoder_says_what_is_wrong_without_a_traceback(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    dp.CompressedModel({}, {"x": torch.zeros(2)}).save(tmp_path / "ours.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(plain))
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    cases = {
+        (): "usage: python decode_numpy.py MODEL.safetensors",
+        (str(tmp_path / "missing.safetensors"),): "cannot decode: No such file",
+        (str(plain),): "is not a dkm-param file",
+        (str(tmp_path / "text.safetensors"),): "cannot decode",
+    }
+    script = str(ROOT / "examples" / "decode_numpy.py")
+    for argv, words in cases.items():
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr, (argv, done.stderr)
+    ours = str(tmp_path / "ours.safetensors")
+    done = subprocess.run([sys.executable, script, ours], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "x float32 (2,)\n", done.stderr
+
+
 @pytest.mark.parametrize("codebook_dtype", [None, torch.float16])
 def test_numpy_decoder_matches_the_library(tmp_path, codebook_dtype):
     torch.manual_seed(0)

@@ -225,8 +225,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(result)
     print()
-    for path in result.files.values():
-        print(f"wrote {path} ({format_size(path.stat().st_size)})")
+    for path in result.files.values():  # the table's size is the weights'; a file adds its metadata
+        print(f"wrote {path} ({format_size(path.stat().st_size)} with the file's metadata)")
     print(f"done in {time.perf_counter() - start:.0f} s; next: {PROG} inspect {result.files['dkm']}")
     return 0
 
