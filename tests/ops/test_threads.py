@@ -67,8 +67,8 @@ def test_registration_settles_on_one_thread_and_a_step_shares_only_a_large_layer
 
     recording(soft, "settle")
     recording(table, "_one_iteration_backward")
-    assert SMALL_WORK <= 512 * 512 < SETTLE_WORK
-    for shape, threads in (((256, 300), 1), ((512, 512), 2)):  # 76,800 and 262,144 weights, at 4 bits
+    assert 512 * 512 < SMALL_WORK <= 1024 * 512 < SETTLE_WORK
+    for shape, threads in (((256, 300), 1), ((512, 512), 1), ((1024, 512), 2)):  # 76,800 to 524,288 weights
         model = nn.Sequential(nn.Linear(*shape)).to(torch.bfloat16)
         seen.clear()
         dp.register_dkm(model, dp.Policy.from_notation("fc:4/1"))

@@ -2,14 +2,14 @@
 
 Clustering a layer is many tensor operations, each on the weight or on its
 table of values: a few dozen in a training step, hundreds while settling at
-registration or in k-means. With several intra-op threads each one that
-torch splits waits for every thread to be scheduled, and on a machine whose
-cores other processes keep busy that wait can cost a hundred times the work
-itself (seconds to register a layer of 2,000 or of 80,000 weights). So a
-training step clusters a layer of fewer than ``SMALL_WORK`` weights on one
-thread, and registration and k-means (``SETTLE_WORK``, their operations many
-and each small) one of fewer than 2M; on an idle 2-core machine one thread is
-as fast there (measured: within noise, both ways). Above them torch's own
+registration. With several intra-op threads each one that torch splits waits
+for every thread to be scheduled, and on a machine whose cores other
+processes keep busy that wait can cost a hundred times the work itself
+(seconds to register a layer of 2,000 or of 80,000 weights). So a training
+step's clustering and ``palettize``'s k-means run on one thread below
+``SMALL_WORK`` weights, and registration (``SETTLE_WORK``: its operations
+many and each small) below 2M. On an idle 2-core machine one thread is as
+fast there (measured: within noise, both ways); above them torch's own
 setting is kept.
 """
 
@@ -20,8 +20,8 @@ from typing import Iterator
 
 import torch
 
-SMALL_WORK = 1 << 18  # weights: below this a layer's training step clusters on one thread
-SETTLE_WORK = 1 << 21  # weights: below this registration and k-means run on one thread
+SMALL_WORK = 1 << 19  # weights: below this a training step's clustering and k-means run on one thread
+SETTLE_WORK = 1 << 21  # weights: below this registration runs on one thread
 
 
 @contextmanager

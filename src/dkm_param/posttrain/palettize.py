@@ -14,7 +14,7 @@ from ..format import CompressedLayer, CompressedModel, assemble
 from ..format.layer import check_codebook_dtype
 from ..ops import kmeans, layout
 from ..ops.dtypes import compute_dtype
-from ..ops.threads import SETTLE_WORK, threads_for
+from ..ops.threads import threads_for
 from ..policy import Policy, check_materialized, weight_key, weight_of
 from ..progress import track
 from ..spec import LayerSpec, StorageSpec
@@ -89,7 +89,7 @@ def palettize(
     window: list = []  # consecutive small layers, clustered together
 
     def flush() -> None:
-        with threads_for(sum(item[0].numel() for item in window), SETTLE_WORK):  # k-means' many small operations
+        with threads_for(sum(item[0].numel() for item in window)):  # k-means' many small operations: one thread
             found = cluster_weights(window, optimal, codebook_dtype)
         for item, layer in zip(window, found):
             layers[weight_key(item[2])] = layer
