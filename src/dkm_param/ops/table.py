@@ -108,12 +108,13 @@ def value_codes(values: Tensor, grid: Grid | None = None, out: Tensor | None = N
     if grid is None:
         return values.view(torch.uint16).to(torch.int32) if out is None else out.copy_(values.view(torch.uint16))
     scale = 1.0 / grid.step
-    # 0.5 + (v - low) / step in one pass; truncating it (it is >= 0) gives the nearest point
-    start = 0.5 - grid.low * scale
+    # (v - low) / step + 0.5, truncated (clamped: rounding may pass the last point), is the nearest
+    # point. A subtraction, a multiply and an add: on the CPU addcmul with tensor scalars is slower
+    # than the three together, and v / step alone overflows for a weight of one value (step tiny).
     if out is None:
-        return torch.addcmul(start, values, scale).clamp_(0, grid.size - 1).to(torch.int32)
-    scaled = torch.addcmul(start, values, scale, out=_buffer("scaled", torch.float32, values.numel(), values.device))
-    return out.copy_(scaled.clamp_(0, grid.size - 1))
+        return torch.sub(values, grid.low).mul_(scale).add_(0.5).clamp_(0, grid.size - 1).to(torch.int32)
+    scaled = torch.sub(values, grid.low, out=_buffer("scaled", torch.float32, values.numel(), values.device))
+    return out.copy_(scaled.mul_(scale).add_(0.5).clamp_(0, grid.size - 1))
 
 
 def value_table(dtype: torch.dtype, device: torch.device, grid: Grid | None = None) -> Tensor:
