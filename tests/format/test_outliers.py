@@ -44,10 +44,19 @@ def test_outliers_are_the_largest_weights_kept_exact(tmp_path_factory, bits, dim
         model.half()
     original = model[0].weight.detach().clone()
     spec = dp.LayerSpec(bits=bits, dim=dim, group_size=4 if grouped else None, channel_scale=scaled)
-    compressed = dp.palettize(model, dp.Policy(default=spec, small_layer_bits=None), outliers=fraction)
-    layer = compressed.layers["0.weight"]
     count = int(fraction * original.numel())
-    assert layer.outliers == count
+    dense = original.numel() * original.element_size()
+    try:
+        compressed = dp.palettize(model, dp.Policy(default=spec, small_layer_bits=None), outliers=fraction)
+    except dp.DKMError as refused:  # the exact part would leave the layer no smaller: refused, nothing changed
+        assert "not less than its own" in str(refused) and torch.equal(model[0].weight, original)
+        codebooks = (2 if grouped else 1) * 2**bits * dim * original.element_size()
+        scales = 8 * 4 if scaled else 0  # float32 scales, one per row
+        indices = -(-original.numel() // dim * bits // 8)
+        assert codebooks + scales + indices + count * (4 + original.element_size()) >= dense
+        return
+    layer = compressed.layers["0.weight"]
+    assert layer.outliers == count and layer.nbytes < dense
     decoded = model[0].weight.detach()
     if count:
         index = layer.outlier_index
@@ -146,6 +155,7 @@ def test_assign_with_exact_values_adds_no_error_of_their_own():
         ({"outliers": "1%"}, "outliers must be a fraction"),
         ({"outliers": 0.01, "outlier_by": "size"}, "outlier_by must be 'magnitude' or 'sensitivity', got 'size'"),
         ({"outliers": 0.01, "outlier_by": "sensitivity"}, "needs the sensitivity of layer '0'"),
+        ({"outliers": 0.5}, "layer '0' (128 weights): outliers=0.5 keeps 64 of them exact, 512 B with their positions"),
     ],
 )
 def test_bad_outlier_arguments_are_refused_before_any_change(kwargs, words):

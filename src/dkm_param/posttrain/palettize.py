@@ -11,11 +11,11 @@ from torch import Tensor, nn
 from ..dkm.exportable import exportable_parametrizations
 from ..errors import ClusteringError, DKMError, RegistrationError
 from ..format import CompressedLayer, CompressedModel, assemble
-from ..format.layer import check_codebook_dtype
+from ..format.layer import check_codebook_dtype, outlier_index_dtype
 from ..ops import kmeans, layout
 from ..ops.dtypes import compute_dtype
 from ..ops.threads import threads_for
-from ..policy import Policy, check_materialized, weight_key, weight_of
+from ..policy import Policy, check_materialized, stored_size, weight_key, weight_of
 from ..progress import track
 from ..spec import LayerSpec, StorageSpec
 from . import calibration as calibration_module
@@ -82,6 +82,7 @@ def palettize(
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise DKMError(f"damp must be a finite number >= 0 (a fraction of the statistics' mean diagonal), got {damp!r}")
     _check_outliers(outliers, outlier_by, sensitivity, rows)
+    _check_outliers_fit(model, rows, outliers, codebook_dtype)
     passes = _statistics_passes(model, rows, calibration)
     batches = None if calibration is None else calibration_inputs(calibration)
     starts = {id(group[0]): group for group in passes if group}  # rows where a pass of statistics begins
@@ -153,6 +154,25 @@ def _check_outliers(fraction: Any, by: Any, sensitivity: Mapping[str, Tensor] | 
             raise DKMError(
                 f"outlier_by='sensitivity' needs the sensitivity of layer '{missing[0]}' ({len(missing)} layer(s) "
                 "lack one); pass sensitivity=dp.fisher(...) for every clustered layer, or outlier_by='magnitude'"
+            )
+
+
+def _check_outliers_fit(model: nn.Module, rows: list, fraction: float, codebook_dtype: torch.dtype | None) -> None:
+    """Raise DKMError, before any work, where the exact part of ``fraction`` of a layer's weights
+    (a position and a value each) would store it no smaller than it is."""
+    for row in rows:
+        weight = weight_of(model.get_submodule(row.name))
+        count = int(fraction * row.numel)
+        if not count:
+            continue
+        dense = row.numel * weight.element_size()
+        sparse = count * (outlier_index_dtype(row.numel).itemsize + weight.element_size())
+        stored = stored_size(row.spec.storage, row.shape, codebook_dtype or weight.dtype, weight.dtype) + sparse
+        if stored >= dense:
+            raise DKMError(
+                f"layer '{row.name}' ({row.numel:,} weights): outliers={fraction:g} keeps {count:,} of them exact, "
+                f"{sparse:,} B with their positions, and the layer would take {stored:,} B, not less than its own "
+                f"{dense:,} B; give a smaller fraction (SqueezeLLM keeps 0.005)"
             )
 
 
