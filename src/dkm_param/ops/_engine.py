@@ -732,7 +732,7 @@ class _SoftCluster(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_soft, _grad_codebook, _grad_iterations):
-        # as many threads as the forward had (DKMParametrization.forward)
+        # small work on one thread, by the rule DKMParametrization.forward follows
         with torch.autocast(grad_soft.device.type, enabled=False), threads_for(grad_soft.numel()):
             return _SoftCluster._backward(ctx, grad_soft)
 

@@ -439,7 +439,7 @@ class _TableCluster(torch.autograd.Function):
         values, present, weights, first, last = ctx.saved_tensors
         tau, grid = ctx.tau, ctx.grid
         size = _entries(grid)
-        # as many threads as the forward had (DKMParametrization.forward)
+        # small work on one thread, by the rule DKMParametrization.forward follows
         with torch.autocast(values.device.type, enabled=False), threads_for(values.numel()):
             grad = grad_soft.reshape(-1)
             per_value = values.new_zeros(size, dtype=torch.float32)  # G_v
