@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -120,9 +121,7 @@ class Plan(list):
         rows = self.clustered()
         if rows:
             return rows
-        reasons: dict[str, int] = {}
-        for row in self:
-            reasons[row.reason] = reasons.get(row.reason, 0) + 1
+        reasons = Counter(row.reason for row in self)  # in the order first seen
         why = "; ".join(f"{plural(count, 'layer')}: {reason}" for reason, count in list(reasons.items())[:4])
         seen = f" ({why})" if why else " (it has no module that owns a weight)"
         raise SpecError(
