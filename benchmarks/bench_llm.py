@@ -304,11 +304,14 @@ def main() -> None:
         for config in args.configs for dtype in args.dtypes for bits in args.bits
     ]
     results = []
-    for case in cases:
-        print(f"measuring {case['config']} {case['dtype']} {case['bits']}-bit ...", flush=True)
-        results.append(run_case(case, args.timeout))
-        if "failed" in results[-1]:
-            print(f"  {results[-1]['failed']}", flush=True)
+    try:
+        for case in cases:
+            print(f"measuring {case['config']} {case['dtype']} {case['bits']}-bit ...", flush=True)
+            results.append(run_case(case, args.timeout))
+            print(f"  {table_row(case, results[-1])}", flush=True)  # kept if a later case is interrupted
+    except KeyboardInterrupt:  # the table of the cases measured so far
+        print(f"interrupted: {len(cases) - len(results)} of {len(cases)} cases not measured", flush=True)
+        cases = cases[:len(results)]
     print(f"load average after: {os.getloadavg()}\n")
     header = (
         f"| case | plain step | DKM step | DKM / plain (<= {STEP_TARGET:g}x) | extra peak memory "
