@@ -4,11 +4,13 @@ autocast). Skipped where torch sees no GPU (CI has none)."""
 
 import pytest
 import torch
+from test_device_sizing import assert_same_run
 from test_soft import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, run
+from test_table import run as run_table
 from torch import nn
 
 import dkm_param as dp
-from dkm_param.ops import soft
+from dkm_param.ops import soft, table
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -60,3 +62,19 @@ def test_training_on_cuda(dtype, autocast):
     for module in (model[0], model[2], model[6]):
         assert module.weight.is_cuda and module.weight.unique().numel() <= 16
     assert compressed.summary() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_table_on_cuda_matches_cpu(dtype):
+    values = (torch.randn(300_000, generator=torch.Generator().manual_seed(4)) * 0.02).to(dtype)
+    codebook, tau, epsilon = realistic_start(values.float()[:, None], 16)
+
+    def cluster(v, c, t, m, e):
+        grid = None if dtype != torch.float32 else table.value_grid(*torch.aminmax(v.detach()))
+        return table.table_cluster(v, c, t, m, e, grid=grid)
+
+    cpu = run_table(cluster, values, codebook, tau, 3, epsilon)
+    got = run_table(cluster, values.cuda(), codebook.cuda(), tau, 3, epsilon)
+    assert got[0].is_cuda and got[3].is_cuda
+    assert_same_run([t.cpu() if isinstance(t, torch.Tensor) else t for t in got], cpu,
+                    rounding=2 * torch.finfo(dtype).eps)

@@ -83,7 +83,8 @@ def run(fn, vectors, codebook, tau, max_iter, epsilon, grad_seed: int = 0, **opt
     """(out, final codebook, iterations, gradient of sum(out * g) for a fixed random g)."""
     vectors = vectors.detach().clone().requires_grad_(True)
     out, final, iterations = fn(vectors, codebook.clone(), tau, max_iter, epsilon, **options)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    gen = torch.Generator().manual_seed(grad_seed)  # on the CPU, wherever ``out`` is: the same draws
+    upstream = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     (out * upstream).sum().backward()
     return out.detach(), final, iterations, vectors.grad
 

@@ -44,7 +44,7 @@ def run(fn, values, codebook, tau, max_iter, epsilon, dtype=None):
     rounded to ``dtype``, by default the values')."""
     values = values.detach().clone().requires_grad_(True)
     out, final, iterations = fn(values, codebook.clone(), tau, max_iter, epsilon)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dtype or values.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device, dtype or values.dtype)
     (out.float() * upstream.float()).sum().backward()
     return out.detach(), final, iterations, values.grad
 

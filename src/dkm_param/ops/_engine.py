@@ -99,11 +99,12 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
     of ``_window_plan`` (what they leave out is below the dtype's precision).
     """
     (p, d), k = points.shape, centroids.shape[0]
+    budget = chunk_budget(points.device)
     # windows pay for their planning only when the dense attention takes several chunks
-    if d == 1 and k >= _WINDOW_CLUSTERS and p * k > CHUNK_ELEMENTS:
-        plan = _window_plan(points[:, 0], centroids, tau, CHUNK_ELEMENTS)
+    if d == 1 and k >= _WINDOW_CLUSTERS and p * k > budget and on_host(points.device):
+        plan = _window_plan(points[:, 0], centroids, tau, budget)
     else:
-        plan = _dense_plan(p, k, max(1, CHUNK_ELEMENTS // d))
+        plan = _dense_plan(p, k, max(1, budget // d))
     mass, weighted = centroids.new_zeros(k), torch.zeros_like(centroids)
     likelihood = torch.zeros((), dtype=torch.float64, device=points.device)  # read once, not per chunk
     for start, stop, cols, *_ in plan:
@@ -187,6 +188,21 @@ def _summary(vectors: Tensor, points: int, seed: int, counts: Tensor | None = No
 # Elements of one chunk's attention block: small enough to stay in cache, large
 # enough to amortise the per-operation overhead.
 CHUNK_ELEMENTS = 1 << 19
+# On a GPU (256 MiB in float32): each operation costs microseconds of launch from the host
+# whatever its size, so a layer is best done in few chunks, attending to every cluster
+# (windows are planned on the host, which the GPU would wait for).
+DEVICE_CHUNK_ELEMENTS = 1 << 26
+
+
+def on_host(device: torch.device) -> bool:
+    """Whether work on ``device`` is sized for the CPU (small chunks and passes that stay in
+    cache, windows) rather than for a GPU (few large ones: ``DEVICE_CHUNK_ELEMENTS``)."""
+    return device.type == "cpu"
+
+
+def chunk_budget(device: torch.device) -> int:
+    """The default elements of one chunk's attention block on ``device``."""
+    return CHUNK_ELEMENTS if on_host(device) else DEVICE_CHUNK_ELEMENTS
 # Two passes that need the same attention (the last iteration and the soft
 # output; the first two passes of backward) share it while it has at most this
 # many elements (128 MiB in float32); beyond, the second pass recomputes it.

@@ -140,15 +140,18 @@ def soft_cluster(
     window: in one dimension with 8 or more clusters, group the vectors by
         value and let each chunk attend only to the centroids whose attention
         can exceed ``eps / n`` of a row's largest (eps of the dtype); False
-        attends to every centroid.
-    chunk_elements: elements of one chunk's attention block (default ``_engine.CHUNK_ELEMENTS``).
+        attends to every centroid. On the CPU only: on a GPU every chunk
+        attends to every centroid (windows are planned on the host).
+    chunk_elements: elements of one chunk's attention block (default ``_engine.chunk_budget``:
+        ``CHUNK_ELEMENTS`` on the CPU, ``DEVICE_CHUNK_ELEMENTS`` elsewhere).
     order_cache: an ``OrderCache`` kept for this weight from one call to the
         next, so that windows reuse the last call's grouping instead of sorting anew.
     Raises ValueError if ``max_iter < 1``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-    budget = max(1, int(chunk_elements or _engine.CHUNK_ELEMENTS))
+    budget = max(1, int(chunk_elements or _engine.chunk_budget(vectors.device)))
+    window = window and _engine.on_host(vectors.device)
     args = (float(tau), int(max_iter), float(epsilon), window, budget, order_cache)
     # every operation in the vectors' dtype, whatever autocast the caller runs under
     with torch.autocast(vectors.device.type, enabled=False):

@@ -46,6 +46,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
+from . import _engine
 from ._engine import flushed_exp
 from .threads import threads_for
 
@@ -71,6 +72,11 @@ _PASS = 1 << 19
 T = TypeVar("T")
 # attention elements per chunk of the table (4 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 20
+# On a GPU each operation is launched from the host at a cost of microseconds, whatever its
+# size, and the caching allocator keeps temporaries mapped: passes and chunks there are as
+# large as these (64 MiB and 256 MiB in float32), so that a layer takes a few dozen launches.
+_DEVICE_PASS = 1 << 24
+_DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,9 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
     counts = values.new_zeros(size, dtype=torch.float32)
 
     def count(a: int, b: int) -> None:
-        counts.add_(torch.bincount(value_codes(flat[a:b], grid, _codes(b - a, flat.device)), minlength=size))
+        _histogram(counts, value_codes(flat[a:b], grid, _codes(b - a, flat.device)))
 
-    _each_pass(flat.numel(), count)
+    _each_pass(flat.numel(), count, flat.device)
     return counts
 
 
@@ -264,7 +270,7 @@ def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     def look(a: int, b: int) -> None:
         torch.index_select(table, 0, value_codes(flat[a:b], None, _codes(b - a, flat.device)), out=out[a:b])
 
-    _each_pass(flat.numel(), look)
+    _each_pass(flat.numel(), look, flat.device)
     return out
 
 
@@ -278,7 +284,7 @@ def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Ten
         gathered = torch.index_select(base, 0, codes, out=_buffer("first", torch.float32, b - a, flat.device))
         torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(gathered)
 
-    _each_pass(flat.numel(), work)
+    _each_pass(flat.numel(), work, flat.device)
     return out
 
 
@@ -287,7 +293,10 @@ _BUFFERS = threading.local()
 
 def _buffer(name: str, dtype: torch.dtype, n: int, device: torch.device) -> Tensor:
     """This thread's buffer ``name`` of at least ``n`` elements of ``dtype`` on ``device``, the
-    first ``n`` of them: a pass's temporary that is not allocated afresh each time.  # (n,)"""
+    first ``n`` of them: a pass's temporary that is not allocated afresh each time.  # (n,)
+    On a GPU, a fresh tensor: the caching allocator reuses memory, and holds none between steps."""
+    if not _engine.on_host(device):
+        return torch.empty(n, dtype=dtype, device=device)
     buffers = _BUFFERS.__dict__.setdefault("by_key", {})
     key = (name, dtype, device)
     buffer = buffers.get(key)
@@ -301,16 +310,30 @@ def _codes(n: int, device: torch.device) -> Tensor:
     return _buffer("codes", torch.int32, n, device)
 
 
-def _each_pass(n: int, work: Callable[[int, int], T]) -> list[T]:
-    """``work(start, stop)`` for each pass of ``_PASS`` values over ``n``, without gradient;
-    the results in order."""
+def _each_pass(n: int, work: Callable[[int, int], T], device: torch.device) -> list[T]:
+    """``work(start, stop)`` for each pass over ``n`` values on ``device`` (``_PASS`` values on
+    the CPU, ``_DEVICE_PASS`` elsewhere), without gradient; the results in order."""
+    step = _PASS if _engine.on_host(device) else _DEVICE_PASS
     with torch.no_grad():
-        return [work(start, min(start + _PASS, n)) for start in range(0, n, _PASS)]
+        return [work(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def _columns(centroids: int) -> int:
-    """Table entries per chunk of an attention over ``centroids`` centroids."""
-    return max(1, _CHUNK_ELEMENTS // max(1, centroids))
+def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> None:
+    """Adds to ``out`` (entries,) float32 each code's count, or the sum of its ``weights``.
+
+    On a GPU ``bincount`` reads the largest code back to the host (a sync per
+    call); ``index_add_`` does not. On the CPU ``bincount`` is the faster.
+    """
+    if _engine.on_host(codes.device):
+        out.add_(torch.bincount(codes, weights=weights, minlength=out.numel()))
+    else:
+        out.index_add_(0, codes, weights if weights is not None else out.new_ones(codes.shape))
+
+
+def _columns(centroids: Tensor) -> int:
+    """Table entries per chunk of an attention over ``centroids`` (k,)."""
+    budget = _CHUNK_ELEMENTS if _engine.on_host(centroids.device) else _DEVICE_CHUNK_ELEMENTS
+    return max(1, budget // max(1, centroids.numel()))
 
 
 def _attention(points: Tensor, centroids: Tensor, tau: float) -> Tensor:
@@ -334,7 +357,7 @@ def _update(points: Tensor, weights: Tensor, centroids: Tensor, tau: float, keep
 
     Returns ``(centroids (k,), the attention (k, U) if keep and it fits one chunk, else None)``.
     """
-    cols = _columns(centroids.numel())
+    cols = _columns(centroids)
     weighted = points * weights
     mass, moment, attention = 0, 0, None
     for start in range(0, points.numel(), cols):
@@ -365,7 +388,7 @@ def _moments(points: Tensor, attend: Tensor, final: Tensor, tau: float, orders: 
     ``s'' = (2 / tau)^2`` times their third central co-moment ``E[(f - Ef)(a - Ea)^2]``
     (centred, so that nothing cancels). attention: ``A(u, attend)`` (k, U) if the caller has it.
     """
-    cols = _columns(attend.numel())
+    cols = _columns(attend)
     parts = [[] for _ in range(orders)]
     for start in range(0, points.numel(), cols):
         attn = attention if attention is not None else _attention(points[start : start + cols], attend, tau)
@@ -399,7 +422,7 @@ def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, f
     ``sum_j (lam_j / M_j) A_jv (1 + 2 / tau (u_v - C_1j)(C_0j - m_v))`` (a centroid with no mass
     stays where it was: no gradient). One attention serves this and the moments.
     """
-    cols = _columns(first.numel())
+    cols = _columns(first)
     chunks = range(0, points.numel(), cols)
     kept = _attention(points, first, tau) if points.numel() <= cols else None
     mass, pull = first.new_zeros(first.shape), first.new_zeros(first.shape)
@@ -453,9 +476,9 @@ class _TableCluster(torch.autograd.Function):
 
             def gather(a: int, b: int) -> None:
                 codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
-                per_value.add_(torch.bincount(codes, weights=upstream(a, b), minlength=size))
+                _histogram(per_value, codes, upstream(a, b))
 
-            _each_pass(flat.numel(), gather)
+            _each_pass(flat.numel(), gather, flat.device)
             points = value_table(values.dtype, values.device, grid)[present]
             orders = 2 if grid is None else 3
             if ctx.iterations == 1:  # the usual step: in closed form, on one attention
@@ -492,5 +515,5 @@ class _TableCluster(torch.autograd.Function):
                     part.add_(torch.index_select(base, 0, codes, out=looked)).mul_(grad[a:b])
                     part.add_(torch.index_select(shared, 0, codes, out=looked))
 
-            _each_pass(flat.numel(), spread)
+            _each_pass(flat.numel(), spread, flat.device)
         return out.view_as(values), None, None, None, None, None, None
