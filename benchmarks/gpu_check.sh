@@ -10,6 +10,8 @@
 # Usage, from anywhere in the repository: bash benchmarks/gpu_check.sh
 # Environment (all optional):
 #   PYTHON                 the interpreter when there is no .venv (default: python, else python3)
+#   PYTHONPATH=src         on a machine without network whose Python holds the dependencies:
+#                          the package is imported from the checkout and nothing is installed
 #   GPU_CHECK_LOG_DIR      where each part's output is kept (default: $OUT if set, else a temporary folder)
 #   GPU_CHECK_PART_TIMEOUT seconds one part may run before it is stopped and marked failed (default: none)
 #   BENCH_DKM_ARGS, BENCH_TRAIN_STEP_ARGS, BENCH_LLM_ARGS

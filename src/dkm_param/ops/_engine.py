@@ -192,17 +192,6 @@ CHUNK_ELEMENTS = 1 << 19
 # whatever its size, so a layer is best done in few chunks, attending to every cluster
 # (windows are planned on the host, which the GPU would wait for).
 DEVICE_CHUNK_ELEMENTS = 1 << 26
-
-
-def on_host(device: torch.device) -> bool:
-    """Whether work on ``device`` is sized for the CPU (small chunks and passes that stay in
-    cache, windows) rather than for a GPU (few large ones: ``DEVICE_CHUNK_ELEMENTS``)."""
-    return device.type == "cpu"
-
-
-def chunk_budget(device: torch.device) -> int:
-    """The default elements of one chunk's attention block on ``device``."""
-    return CHUNK_ELEMENTS if on_host(device) else DEVICE_CHUNK_ELEMENTS
 # Two passes that need the same attention (the last iteration and the soft
 # output; the first two passes of backward) share it while it has at most this
 # many elements (128 MiB in float32); beyond, the second pass recomputes it.
@@ -229,6 +218,17 @@ _NARROW = 8.0
 # mass left out of windows (below eps e^-_MARGIN in all) stays negligible next to its own.
 _LIGHT_MASS = 1.0
 _LOG2_E = 1.0 / math.log(2.0)
+
+
+def on_host(device: torch.device) -> bool:
+    """Whether work on ``device`` is sized for the CPU (small chunks and passes that stay in
+    cache, windows) rather than for a GPU (few large ones: ``DEVICE_CHUNK_ELEMENTS``)."""
+    return device.type == "cpu"
+
+
+def chunk_budget(device: torch.device) -> int:
+    """The default elements of one chunk's attention block on ``device``."""
+    return CHUNK_ELEMENTS if on_host(device) else DEVICE_CHUNK_ELEMENTS
 
 
 class _Run(NamedTuple):
