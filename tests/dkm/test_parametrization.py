@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 from hypothesis import given
@@ -5,6 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dkm_param as dp
+from devices import HostReads, device_sizing
 from dkm_param.ops import kmeans, soft, table
 from strategies import scales, specs, weights
 
@@ -310,3 +313,52 @@ def test_a_forward_without_gradient_leaves_the_warm_start_alone():
     with torch.no_grad():
         model(torch.randn(4, 32))
     assert torch.equal(model[0].parametrizations.weight[0].codebook, before)
+
+
+def test_tau_and_epsilon_are_read_again_whenever_they_change():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    dp.register_dkm(layer, dp.Policy(dp.LayerSpec(bits=3), small_layer_bits=None))
+    param = layer.parametrizations.weight[0]
+    first = param._settings()
+    assert first == (param.tau.tolist(), param.epsilon.tolist())
+    assert param._settings() is first  # read once while nothing changes
+    dp.scale_temperature(layer, 0.5)  # in place
+    assert param._settings()[0] == pytest.approx([t * 0.5 for t in first[0]])
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["parametrizations.weight.0.tau"].fill_(0.125)
+    state["parametrizations.weight.0.epsilon"].fill_(1e-6)
+    layer.load_state_dict(state)  # copied into the buffers
+    assert param._settings() == ([0.125], [pytest.approx(1e-6)])
+    param.tau = torch.full_like(param.tau, 0.25)  # a new tensor
+    assert param._settings()[0] == [0.25]
+    layer.double()  # new buffers, a new dtype
+    assert param._settings()[0] == [0.25]
+    copy = pickle.loads(pickle.dumps(param))  # the read is not state
+    assert copy._read is None and copy._settings()[0] == [0.25]
+
+
+@pytest.mark.parametrize("dtype, bits, shape, most", [
+    (torch.bfloat16, 4, (256, 1024), 4),  # by value table
+    (torch.float32, 4, (256, 1024), 5),  # on a grid
+    (torch.float32, 8, (64, 128), 6),  # the float32 engine
+])
+def test_a_training_step_on_a_gpu_reads_back_to_the_host_a_few_times_a_layer(dtype, bits, shape, most):
+    """Each read back makes the host wait for the GPU to finish its work: a layer's step that
+    has converged (one iteration) reads a handful of values, whatever its size (``devices``)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0], bias=False).to(dtype)
+    dp.register_dkm(layer, dp.Policy.from_notation(f"fc:{bits}/1", small_layer_bits=None))
+    weight = layer.parametrizations.weight.original
+
+    def step():
+        soft_weight = layer.weight
+        soft_weight.backward(torch.ones_like(soft_weight))
+        weight.grad = None
+
+    with device_sizing():
+        for _ in range(3):
+            step()
+        with HostReads() as host:
+            step()
+    assert 1 <= sum(host.reads.values()) <= most, host.reads

@@ -4,8 +4,6 @@ no: the results must match the CPU's sizing within float32 rounding, since only 
 order of the sums differs. ``test_cuda.py`` runs the same code on a GPU where there is one.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import given
@@ -14,19 +12,9 @@ from test_soft import run as run_soft
 from test_table import problems as half_problems
 from test_table import run as run_table
 
+from devices import device_sizing
 from dkm_param.ops import _engine, soft, table
 from strategies import seeds
-
-
-@contextmanager
-def device_sizing():
-    """Every sizing decision the GPU's, within the block."""
-    on_host = _engine.on_host
-    _engine.on_host = lambda device: False
-    try:
-        yield
-    finally:
-        _engine.on_host = on_host
 
 
 def test_the_cpu_is_sized_for_the_host_and_a_gpu_is_not():

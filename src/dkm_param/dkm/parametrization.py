@@ -99,6 +99,7 @@ class DKMParametrization(nn.Module):
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", epsilon)
         self._cached: tuple[tuple, Tensor] | None = None
+        self._read = None  # _settings's last read of tau and epsilon
         self.process_group = None  # set by register_dkm; not state (it neither pickles nor copies)
         self.snapping = False  # set within dp.snapped(model): snapped weights in training mode too
         # each group's value order, reused from step to step (not state: a speed-up only)
@@ -292,7 +293,7 @@ class DKMParametrization(nn.Module):
                 books.append(book)
                 continue
             soft_vectors, updated, _ = soft.soft_cluster(
-                live, book[self._pinned:].clone(), float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g]),
+                live, book[self._pinned:].clone(), self._settings()[0][g], self.spec.max_iter, self._settings()[1][g],
                 order_cache=self._orders[g],
             )
             if self.zeros is not None:  # zero vectors stay exactly zero
@@ -318,7 +319,8 @@ class DKMParametrization(nn.Module):
         """One group's soft values and updated codebook by value table (``low`` and ``high``: its
         extremes). A float32 group is counted on a grid as fine as its temperature needs
         (``table.grid_size``), and takes the float32 engine when no grid is fine enough."""
-        tau, max_iter, epsilon = float(self.tau[g]), self.spec.max_iter, float(self.epsilon[g])
+        taus, epsilons = self._settings()
+        tau, max_iter, epsilon = taus[g], self.spec.max_iter, epsilons[g]
         if values.dtype in table.HALF_DTYPES:
             counts = self._value_counts(values.detach())
             return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts)[:2]
@@ -379,8 +381,20 @@ class DKMParametrization(nn.Module):
         # the cached result holds an autograd graph, which neither pickles nor deep-copies
         state = self.__dict__.copy()
         state["_cached"] = None
+        state["_read"] = None
         state["process_group"] = None
         return state
+
+    def _settings(self) -> tuple[list[float], list[float]]:
+        """Each group's tau and epsilon as Python floats: read from the buffers once, and again
+        only when they change (replaced, moved or written in place), as on a GPU each read
+        waits for the device to finish its work."""
+        tau, epsilon = self.tau, self.epsilon
+        state = (tau.data_ptr(), tau._version, epsilon.data_ptr(), epsilon._version)
+        read = getattr(self, "_read", None)
+        if read is None or read[0] is not tau or read[1] is not epsilon or read[2] != state:
+            read = self._read = (tau, epsilon, state, (tau.reshape(-1).tolist(), epsilon.reshape(-1).tolist()))
+        return read[3]
 
     def _key(self, weight: Tensor) -> tuple:
         # any change to the clustering's own state (codebook, tau, epsilon) makes a new result

@@ -596,7 +596,7 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
 
     grad_rows = rows.new_empty(d, n)  # each plan covers every row once: the last iteration writes it all
     scale = 2.0 / tau
-    reach = 2.0 * (_largest(rows[:d]) + _largest(torch.stack(local))) if n else 0.0
+    reach = 2.0 * sum(_largest(rows[:d], torch.stack(local))) if n else 0.0
     for t in range(iterations, 0, -1):
         mass = masses[t - 1]
         # A cluster with almost no mass moves by A^T W / s with A of the order of s:
@@ -632,10 +632,11 @@ def _cluster_backward(vectors: Tensor | None, grad_soft: Tensor, run: _Run, tau:
     return _unrows(grad_rows, order)
 
 
-def _largest(values: Tensor) -> float:
-    """The largest magnitude, from one min-max pass (no tensor of magnitudes)."""
-    low, high = torch.aminmax(values)
-    return max(-float(low), float(high))
+def _largest(*tensors: Tensor) -> list[float]:
+    """Each tensor's largest magnitude, from one min-max pass (no tensor of magnitudes), all
+    read back together (one wait on a GPU)."""
+    ends = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).tolist()
+    return [max(-low, high) for low, high in ends]
 
 
 def _safe_to_divide(grad_c: Tensor, mass: Tensor, growth: float) -> Tensor:

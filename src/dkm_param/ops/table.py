@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, TypeVar
 
 import torch
@@ -194,14 +195,15 @@ def _run(values: Tensor, codebook: Tensor, counts: Tensor, grid: Grid | None, ta
          epsilon: float):
     """The forward: ``(soft values (n,), codebooks [C_0 .. C_T] (k,) each, entries present, their counts)``."""
     present, points, weights = distinct_values(values.dtype, counts, grid)
-    if grid is not None:
-        _check_grid(grid, codebook[:, 0], tau, points)
-    books, attention = _iterate(points, weights, codebook, tau, max_iter, epsilon)
+    # a float32 weight's grid is checked against the starting centroids, the ratio read back with
+    # the first iteration's shift (one wait on a GPU) and refused before any result is formed
+    check = None if grid is None else (_fineness(grid, codebook[:, 0], tau, points), partial(_refuse_coarse, grid))
+    books, attention = _iterate(points, weights, codebook, tau, max_iter, epsilon, check)
     if grid is None:  # each weight is its table entry's value
         (soft,) = _moments(points, books[-2], books[-1], tau, 1, attention)
         return _lookup(values, _spread(soft, present, TABLE_SIZE), values.dtype), books, present, weights
     if len(books) > 2:  # the centroids attended to have moved since the check above
-        _check_grid(grid, books[-2], tau, points)
+        _refuse_coarse(grid, float(_fineness(grid, books[-2], tau, points)))
     soft, slope = _moments(points, books[-2], books[-1], tau, 2, attention)
     # a float32 weight lies within half a step of its grid point u: s(w) to first order,
     # s(u) + (w - u) s'(u) = (s - u s')[entry] + w s'[entry]
@@ -215,7 +217,7 @@ def grid_size(low: Tensor, high: Tensor, codebook: Tensor, tau: float) -> int | 
     ``GRID_SIZES[1]``). A function of its arguments alone, so that a
     training step resumed from a checkpoint counts on the same grid."""
     step = (high.detach().float() - low.detach().float()) / (GRID_SIZES[0] - 1)
-    ratio = _grid_ratio(low, high, step, codebook[:, 0].float(), tau, None)
+    ratio = float(_grid_ratio(low, high, step, codebook[:, 0].float(), tau, None))
     return _size_for(GRID_SIZES[0], 1.25 * ratio)  # a quarter to spare: the iterations move centroids
 
 
@@ -228,15 +230,15 @@ def _size_for(size: int, ratio: float) -> int | None:
     return enough if enough <= GRID_SIZES[1] else None
 
 
-def _grid_ratio(low: Tensor, high: Tensor, step: Tensor, attend: Tensor, tau: float, points: Tensor | None) -> float:
+def _grid_ratio(low: Tensor, high: Tensor, step: Tensor, attend: Tensor, tau: float, points: Tensor | None) -> Tensor:
     """The half-step over the width of the sharpest transition between neighbouring centroids
     that has weights near it, ``tau / (2 gap)`` for neighbours ``gap`` apart (the attention
     between them turns by a factor e over that distance). points: the grid points present,
-    ascending (None: any point from ``low`` to ``high`` may be)."""
+    ascending (None: any point from ``low`` to ``high`` may be).  # 0-d, on the device"""
     ordered = attend.sort().values
     gaps, middles = ordered[1:] - ordered[:-1], (ordered[1:] + ordered[:-1]) / 2
     if not len(gaps):
-        return 0.0
+        return step.new_zeros(())
     # a weight farther than 8 widths from a transition sees under e^-8 of its slope, whatever the step
     reach = 8 * tau / (2 * gaps).clamp_min(torch.finfo(gaps.dtype).tiny) + step
     if points is None:
@@ -244,14 +246,19 @@ def _grid_ratio(low: Tensor, high: Tensor, step: Tensor, attend: Tensor, tau: fl
     else:
         first = torch.searchsorted(points, middles - reach)  # the first point at or past each window's start
         near = (first < len(points)) & (points[first.clamp_max(len(points) - 1)] <= middles + reach)
-    return float(step * torch.where(near, gaps, 0).max() / tau)
+    return step * torch.where(near, gaps, 0).max() / tau
 
 
-def _check_grid(grid: Grid, attend: Tensor, tau: float, points: Tensor) -> None:
-    """Raise GridTooCoarse unless the grid's half-step is within ``GRID_TOLERANCE`` of the width of
-    every transition with weights near it. points: the grid points present, ascending."""
+def _fineness(grid: Grid, attend: Tensor, tau: float, points: Tensor) -> Tensor:
+    """``_grid_ratio`` of ``grid`` for the centroids ``attend``. points: the grid points present,
+    ascending.  # 0-d"""
     high = grid.low + grid.step * (grid.size - 1)
-    ratio = _grid_ratio(grid.low, high, grid.step, attend, tau, points)
+    return _grid_ratio(grid.low, high, grid.step, attend, tau, points)
+
+
+def _refuse_coarse(grid: Grid, ratio: float) -> None:
+    """Raise GridTooCoarse unless the grid's half-step is within ``GRID_TOLERANCE`` of the width of
+    every transition with weights near it (``ratio``, from ``_fineness``)."""
     if not ratio <= GRID_TOLERANCE:  # NaN too
         finer = _size_for(grid.size, ratio)
         raise GridTooCoarse(finer if finer is not None and finer > grid.size else None)
@@ -368,14 +375,24 @@ def _update(points: Tensor, weights: Tensor, centroids: Tensor, tau: float, keep
     return torch.where(mass > 0, moved, centroids), attention if keep and points.numel() <= cols else None
 
 
-def _iterate(points: Tensor, weights: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float):
+def _iterate(points: Tensor, weights: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float,
+             check: tuple[Tensor, Callable[[float], None]] | None = None):
     """The codebooks [C_0 .. C_T] of the iterations, stopping as ``soft_cluster_reference`` does,
-    and the last iteration's attention (on ``C_{T-1}``) if it fits one chunk, else None."""
+    and the last iteration's attention (on ``C_{T-1}``) if it fits one chunk, else None.
+    check: ``(value, test)``: ``value`` (0-d) is read back with the first iteration's shift (one
+    wait on a GPU, not two) and given to ``test``, which may raise."""
     books = [codebook[:, 0]]
     for _ in range(max_iter):
         moved, attention = _update(points, weights, books[-1], tau, keep=True)
         books.append(moved)
-        if not float((books[-1] - books[-2]).abs().max()) > epsilon:
+        shift = (books[-1] - books[-2]).abs().max()
+        if check is None:
+            shift = float(shift)
+        else:
+            shift, value = torch.stack([shift, check[0].to(shift.dtype)]).tolist()
+            check, test = None, check[1]
+            test(value)
+        if not shift > epsilon:
             break
     return books, attention
 
