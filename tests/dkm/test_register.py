@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import dkm_param as dp
+from devices import HostReads, device_sizing
 from nets import Tied
 
 
@@ -274,3 +275,21 @@ def test_a_registered_tau_is_a_positive_normal_float32_or_the_layer_is_named(exp
     param = model[0].parametrizations.weight[0]
     assert torch.isfinite(param.tau).all() and (param.tau >= torch.finfo(torch.float32).tiny).all()
     assert torch.isfinite(param.epsilon).all()
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 4), (torch.float32, 4), (torch.float32, 6)])
+def test_registration_on_a_gpu_reads_back_one_value_a_settling_cycle_and_a_few_more(dtype, bits, monkeypatch):
+    """Each read back waits for the GPU (``devices``): seeding reads nothing per centroid, and
+    settling one value per cycle of three iterations (whether to stop), not every iteration."""
+    from dkm_param.ops import _engine
+
+    steps = []
+    em_step = _engine._em_step
+    monkeypatch.setattr(_engine, "_em_step", lambda *args: steps.append(1) or em_step(*args))
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 512, bias=False).to(dtype)
+    with device_sizing(), HostReads() as host:
+        dp.register_dkm(layer, dp.Policy.from_notation(f"fc:{bits}/1", small_layer_bits=None))
+    cycles = -(-len(steps) // 3)
+    assert len(steps) > 3  # it settled for several cycles
+    assert sum(host.reads.values()) <= 12 + cycles, (host.reads, len(steps))

@@ -51,8 +51,14 @@ class OrderCache:
 
 
 def _squarem(points: Tensor, counts: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float):
-    """``settle``'s accelerated iterations on weighted points: (centroids, iterations)."""
-    centroids, iterations, bound = codebook, 0, 1.0
+    """``settle``'s accelerated iterations on weighted points: (centroids, iterations).
+
+    One value is read back a cycle, the first step's shift that decides whether to stop;
+    the step length, its bound and the choice of the extrapolated point stay on the
+    points' device (on a GPU each read waits for it).
+    """
+    centroids, iterations = codebook, 0
+    bound = torch.ones((), dtype=torch.float64, device=codebook.device)
     while iterations < max_iter:
         first, _ = _em_step(points, counts, centroids, tau)
         iterations += 1
@@ -64,14 +70,12 @@ def _squarem(points: Tensor, counts: Tensor, codebook: Tensor, tau: float, max_i
             return second, iterations
         r = first - centroids
         v = second - first - r
-        alpha = min(max(float(r.norm() / v.norm().clamp_min(torch.finfo(v.dtype).tiny)), 1.0), bound)
+        alpha = torch.minimum((r.norm() / v.norm().clamp_min(torch.finfo(v.dtype).tiny)).double().clamp_min(1.0), bound)
         third, reached = _em_step(points, counts, centroids + (2 * alpha) * r + (alpha * alpha) * v, tau)
         iterations += 1
-        if reached >= likelihood:
-            centroids = third
-            bound = bound * 4 if alpha == bound else bound
-        else:
-            centroids, bound = second, max(1.0, bound / 4)
+        accepted = reached >= likelihood
+        centroids = torch.where(accepted, third, second)
+        bound = torch.where(accepted, torch.where(alpha == bound, bound * 4, bound), (bound / 4).clamp_min(1.0))
     return centroids, iterations
 
 
@@ -91,9 +95,10 @@ def flushed_exp(logits: Tensor, inplace: bool) -> Tensor:
     return torch.nn.functional.threshold(powers, 2 * math.exp(_LEAST_LOGIT), 0.0, inplace=inplace)
 
 
-def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> tuple[Tensor, float]:
+def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """One centroid iteration on weighted points, and the log-likelihood
-    ``sum_i counts_i logsumexp_j(-||p_i - c_j||^2 / tau)`` of the centroids it started from.
+    ``sum_i counts_i logsumexp_j(-||p_i - c_j||^2 / tau)`` of the centroids it started from
+    (a float64 0-d tensor, left on the points' device).
 
     One-dimensional points must be sorted: chunks of them attend to the windows
     of ``_window_plan`` (what they leave out is below the dtype's precision).
@@ -126,7 +131,7 @@ def _em_step(points: Tensor, counts: Tensor, centroids: Tensor, tau: float) -> t
             mass.index_add_(0, cols, attn.sum(1))
             weighted.index_add_(0, cols, attn @ chunk)
     moved = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None]
-    return torch.where(mass[:, None] > 0, moved, centroids), float(likelihood)
+    return torch.where(mass[:, None] > 0, moved, centroids), likelihood
 
 
 def _summary(vectors: Tensor, points: int, seed: int, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:

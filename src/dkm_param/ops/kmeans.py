@@ -73,18 +73,20 @@ def kmeans_plusplus(vectors: Tensor, k: int, generator: torch.Generator) -> Tens
     with probability proportional to its squared distance to the chosen ones.  # (k, d)"""
     n = vectors.shape[0]
     first = torch.randint(n, (1,), generator=generator, device="cpu").item()
+    # every draw at once from the (CPU) generator: nothing is read back from the vectors' device,
+    # where each read would wait for it
+    draws = torch.rand(k - 1, generator=generator, dtype=torch.float64).to(vectors.device)
     centroids = [vectors[first]]
     closest = (vectors - vectors[first]).pow(2).sum(1)
-    for _ in range(1, k):
+    for draw in draws[:, None]:
         cumulative = torch.cumsum(closest.double(), 0)
         total = cumulative[-1]
-        if total <= 0:  # every vector already sits on a centroid: repeat one
-            pick = torch.randint(n, (1,), generator=generator, device="cpu").item()
-        else:  # inverse-CDF draw: far cheaper than torch.multinomial on large n
-            draw = torch.rand(1, generator=generator, dtype=torch.float64).to(cumulative.device) * total
-            pick = min(int(torch.searchsorted(cumulative, draw, right=True)), n - 1)
-        centroids.append(vectors[pick])
-        closest = torch.minimum(closest, (vectors - vectors[pick]).pow(2).sum(1))
+        # an inverse-CDF draw (far cheaper than torch.multinomial on large n), or where every
+        # vector already sits on a centroid (total 0), a uniform one: a centroid repeated
+        pick = torch.where(total > 0, torch.searchsorted(cumulative, draw * total, right=True), (draw * n).long())
+        chosen = vectors.index_select(0, pick.clamp_max(n - 1))  # (1, d)
+        centroids.append(chosen[0])
+        closest = torch.minimum(closest, (vectors - chosen).pow(2).sum(1))
     return torch.stack(centroids)
 
 
