@@ -11,6 +11,8 @@ from dkm_param.ops import _engine
 # operations whose result the host needs before it can go on: on a GPU each waits for the device
 HOST_READS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.bincount.default",
                         "aten.masked_select.default", "aten._unique2.default", "aten.unique_consecutive.default"})
+# indexing by a boolean mask reads back how many it selects
+MASKED = frozenset({"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"})
 
 
 @contextmanager
@@ -57,4 +59,10 @@ class _Operations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func) in HOST_READS:
             self.reads[str(func)] += 1
+        elif str(func) in MASKED and any(_is_mask(index) for index in args[1]):  # the mask's count
+            self.reads[f"{func} with a mask"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool

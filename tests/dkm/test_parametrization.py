@@ -1,5 +1,3 @@
-import pickle
-
 import pytest
 import torch
 from hypothesis import given
@@ -315,27 +313,33 @@ def test_a_forward_without_gradient_leaves_the_warm_start_alone():
     assert torch.equal(model[0].parametrizations.weight[0].codebook, before)
 
 
-def test_tau_and_epsilon_are_read_again_whenever_they_change():
+@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 1), (torch.float32, 1), (torch.float32, 2)])
+def test_tau_and_epsilon_are_read_at_every_step_however_they_are_changed(dtype, dim, monkeypatch):
+    seen = []
+
+    def spy(engine):
+        def run(values, codebook, tau, max_iter, epsilon, *args, **kwargs):
+            seen.append((tau, epsilon))
+            return engine(values, codebook, tau, max_iter, epsilon, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(table, "table_cluster", spy(table.table_cluster))
+    monkeypatch.setattr(soft, "soft_cluster", spy(soft.soft_cluster))
     torch.manual_seed(0)
-    layer = nn.Linear(64, 32)
-    dp.register_dkm(layer, dp.Policy(dp.LayerSpec(bits=3), small_layer_bits=None))
+    layer = nn.Linear(64, 32).to(dtype)
+    dp.register_dkm(layer, dp.Policy(dp.LayerSpec(bits=3, dim=dim), small_layer_bits=None))
     param = layer.parametrizations.weight[0]
-    first = param._settings()
-    assert first == (param.tau.tolist(), param.epsilon.tolist())
-    assert param._settings() is first  # read once while nothing changes
-    dp.scale_temperature(layer, 0.5)  # in place
-    assert param._settings()[0] == pytest.approx([t * 0.5 for t in first[0]])
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["parametrizations.weight.0.tau"].fill_(0.125)
-    state["parametrizations.weight.0.epsilon"].fill_(1e-6)
-    layer.load_state_dict(state)  # copied into the buffers
-    assert param._settings() == ([0.125], [pytest.approx(1e-6)])
-    param.tau = torch.full_like(param.tau, 0.25)  # a new tensor
-    assert param._settings()[0] == [0.25]
-    layer.double()  # new buffers, a new dtype
-    assert param._settings()[0] == [0.25]
-    copy = pickle.loads(pickle.dumps(param))  # the read is not state
-    assert copy._read is None and copy._settings()[0] == [0.25]
+    changes = [
+        lambda: dp.scale_temperature(layer, 0.5),  # in place
+        lambda: param.tau.data.mul_(0.5),  # in place, unseen by the version counter
+        lambda: setattr(param, "tau", param.tau * 0.5),  # a new tensor
+        lambda: param.epsilon.data.fill_(1e-7),
+    ]
+    for change in [lambda: None, *changes]:
+        change()
+        param._cached = None  # a new step
+        layer.weight.sum().backward()
+        assert seen[-1] == (float(param.tau), pytest.approx(float(param.epsilon), rel=1e-6))
 
 
 @pytest.mark.parametrize("dtype, bits, shape, most", [

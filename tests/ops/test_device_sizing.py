@@ -14,7 +14,6 @@ from test_table import run as run_table
 
 from devices import device_sizing
 from dkm_param.ops import _engine, soft, table
-from strategies import seeds
 
 
 def test_the_cpu_is_sized_for_the_host_and_a_gpu_is_not():
@@ -60,7 +59,8 @@ def test_tables_match_the_host_sizing_in_one_pass_or_several(dtype, b, passes, m
     assert_same_run(got, want, rounding=2 * torch.finfo(dtype).eps)
 
 
-@pytest.mark.parametrize("n, d, bits", [(30_000, 1, 4), (20_000, 1, 8), (6_000, 2, 4)])
+# (two dimensions: one chunk on a GPU, two on the host)
+@pytest.mark.parametrize("n, d, bits", [(30_000, 1, 4), (20_000, 1, 8), (40_000, 2, 4)])
 @pytest.mark.parametrize("budget", [None, 40_000])  # one chunk, and several
 def test_the_engine_without_windows_matches_the_host_sizing(n, d, bits, budget):
     vectors = torch.randn(n, d, generator=torch.Generator().manual_seed(5)) * 0.05
@@ -71,13 +71,15 @@ def test_the_engine_without_windows_matches_the_host_sizing(n, d, bits, budget):
     assert_same_run(got, want)
 
 
-@given(seed=seeds)
+@pytest.mark.parametrize("seed", [0, 1])
 def test_settling_matches_the_host_sizing(seed):
+    # 256 centroids over settle's 16,384 points: windows on the host, one dense chunk on a GPU
     vectors = torch.randn(40_000, 1, generator=torch.Generator().manual_seed(seed)) * 0.05
-    codebook, tau, epsilon = realistic_start(vectors, 16, seed)
+    codebook, tau, epsilon = realistic_start(vectors, 256, seed)
     with device_sizing():
-        got = soft.settle(vectors, codebook, tau, 50, epsilon / 4)
-    want = soft.settle(vectors, codebook, tau, 50, epsilon / 4)
+        got = soft.settle(vectors, codebook, tau, 12, epsilon / 4)
+    want = soft.settle(vectors, codebook, tau, 12, epsilon / 4)
+    assert got[1] == want[1]
     assert_near(got[0], want[0], OUTPUT_32)
 
 
@@ -95,3 +97,12 @@ def test_a_gpu_plans_no_windows_and_counts_without_bincount(monkeypatch):
         run_table(table.table_cluster, values, codebook, tau, 4, epsilon)
     with pytest.raises(AssertionError, match="sized for the host"):
         table.value_counts(values)
+
+
+def test_a_value_held_more_than_two_to_the_24_times_is_counted_exactly():
+    values = torch.zeros((1 << 24) + (1 << 21), dtype=torch.bfloat16)  # float32 adding ones stops at 2**24
+    values[:3] = 1.0
+    with device_sizing():
+        counts = table.value_counts(values)
+    assert torch.equal(counts, table.value_counts(values))
+    assert counts.max() == (1 << 24) + (1 << 21) - 3 and counts.sum() == values.numel()

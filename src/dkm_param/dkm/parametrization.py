@@ -99,7 +99,6 @@ class DKMParametrization(nn.Module):
         self.register_buffer("tau", taus.to(work.dtype))
         self.register_buffer("epsilon", epsilon)
         self._cached: tuple[tuple, Tensor] | None = None
-        self._read = None  # _settings's last read of tau and epsilon
         self.process_group = None  # set by register_dkm; not state (it neither pickles nor copies)
         self.snapping = False  # set within dp.snapped(model): snapped weights in training mode too
         # each group's value order, reused from step to step (not state: a speed-up only)
@@ -282,7 +281,8 @@ class DKMParametrization(nn.Module):
         if self.by_value(weight):
             return self._soft_by_value(weight)
         groups = self.grouped(weight)
-        if not _finite(groups.detach()):
+        finite, taus, epsilons = self._read_with_settings(_finite(groups.detach()))
+        if not finite:
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         # one group as a view (squeeze): iterating the tensor would cost backward a weight-sized stack
@@ -293,7 +293,7 @@ class DKMParametrization(nn.Module):
                 books.append(book)
                 continue
             soft_vectors, updated, _ = soft.soft_cluster(
-                live, book[self._pinned:].clone(), self._settings()[0][g], self.spec.max_iter, self._settings()[1][g],
+                live, book[self._pinned:].clone(), taus[g], self.spec.max_iter, epsilons[g],
                 order_cache=self._orders[g],
             )
             if self.zeros is not None:  # zero vectors stay exactly zero
@@ -306,21 +306,24 @@ class DKMParametrization(nn.Module):
         """``_soft_weight`` by value table: no float32 copy of the weight, memory O(table)."""
         groups = layout.grouped_vectors(weight, 1, self.spec.group_size, None, self.spec.layout)  # (G, n, 1)
         lows, highs = _extremes(groups.detach())  # a float32 grid's ends too
-        if not bool(torch.isfinite(lows).all() & torch.isfinite(highs).all()):  # NaN and Inf reach the extremes
+        # NaN and Inf reach the extremes
+        finite, taus, epsilons = self._read_with_settings(torch.isfinite(lows).all() & torch.isfinite(highs).all())
+        if not finite:
             raise DKMError(self._non_finite("the weight holds NaN or Inf", weight))
         softs, books = [], []
         for g, (group, book) in enumerate(zip(_unbound(groups), self.books())):
-            soft_values, updated = self._table_group(g, group.squeeze(1), book, lows[g], highs[g])
+            soft_values, updated = self._table_group(g, group.squeeze(1), book, lows[g], highs[g], taus[g], epsilons[g])
             softs.append(soft_values[:, None])
             books.append(updated)
         return self._assemble(weight, softs, books)
 
-    def _table_group(self, g: int, values: Tensor, book: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
-        """One group's soft values and updated codebook by value table (``low`` and ``high``: its
-        extremes). A float32 group is counted on a grid as fine as its temperature needs
-        (``table.grid_size``), and takes the float32 engine when no grid is fine enough."""
-        taus, epsilons = self._settings()
-        tau, max_iter, epsilon = taus[g], self.spec.max_iter, epsilons[g]
+    def _table_group(self, g: int, values: Tensor, book: Tensor, low: Tensor, high: Tensor, tau: float,
+                     epsilon: float) -> tuple[Tensor, Tensor]:
+        """Group ``g``'s soft values and updated codebook by value table (``low`` and ``high``: its
+        extremes; ``tau`` and ``epsilon``: its settings). A float32 group is counted on a grid as
+        fine as its temperature needs (``table.grid_size``), and takes the float32 engine when no
+        grid is fine enough."""
+        max_iter = self.spec.max_iter
         if values.dtype in table.HALF_DTYPES:
             counts = self._value_counts(values.detach())
             return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts)[:2]
@@ -381,20 +384,16 @@ class DKMParametrization(nn.Module):
         # the cached result holds an autograd graph, which neither pickles nor deep-copies
         state = self.__dict__.copy()
         state["_cached"] = None
-        state["_read"] = None
         state["process_group"] = None
         return state
 
-    def _settings(self) -> tuple[list[float], list[float]]:
-        """Each group's tau and epsilon as Python floats: read from the buffers once, and again
-        only when they change (replaced, moved or written in place), as on a GPU each read
-        waits for the device to finish its work."""
-        tau, epsilon = self.tau, self.epsilon
-        state = (tau.data_ptr(), tau._version, epsilon.data_ptr(), epsilon._version)
-        read = getattr(self, "_read", None)
-        if read is None or read[0] is not tau or read[1] is not epsilon or read[2] != state:
-            read = self._read = (tau, epsilon, state, (tau.reshape(-1).tolist(), epsilon.reshape(-1).tolist()))
-        return read[3]
+    def _read_with_settings(self, flag: Tensor) -> tuple[bool, list[float], list[float]]:
+        """``flag`` (0-d) read back with each group's tau and epsilon, as Python floats, in one
+        transfer: on a GPU each read waits for the device to finish its work."""
+        parts = [_whole(t).detach().double().reshape(-1) for t in (flag, self.tau, self.epsilon)]
+        values = torch.cat(parts).tolist()
+        groups = parts[1].numel()
+        return bool(values[0]), values[1 : 1 + groups], values[1 + groups :]
 
     def _key(self, weight: Tensor) -> tuple:
         # any change to the clustering's own state (codebook, tau, epsilon) makes a new result
@@ -474,12 +473,19 @@ def _spread(points: Tensor, counts: Tensor | None) -> Tensor:
     return (((points[:, 0] - mean) ** 2 * counts).sum() / total).sqrt()
 
 
-def _finite(values: Tensor) -> bool:
-    """Whether every value is finite, from one min-max pass (NaN and Inf reach the extremes)."""
+def _finite(values: Tensor) -> Tensor:
+    """Whether every value is finite (0-d, not read back), from one min-max pass (NaN and Inf
+    reach the extremes)."""
     if not values.numel():
-        return True
+        return torch.ones((), dtype=torch.bool, device=values.device)
     low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """A distributed tensor (``DTensor``) as the whole tensor on this rank; any other as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor
 
 
 def _extremes(groups: Tensor) -> tuple[Tensor, Tensor]:

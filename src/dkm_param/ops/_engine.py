@@ -157,8 +157,9 @@ def _summary(vectors: Tensor, points: int, seed: int, counts: Tensor | None = No
     bins = ((values - low) * (points / (high - low))).long().clamp_(0, points - 1)
     weights = values.new_zeros(points).index_add_(0, bins, mass)
     sums = values.new_zeros(points).index_add_(0, bins, values * mass)
-    full = weights > 0
-    return (sums[full] / weights[full]).to(vectors.dtype)[:, None], weights[full].to(vectors.dtype)
+    full = (weights > 0).nonzero()[:, 0]  # the bins holding points (one read back, not one per mask)
+    held = weights.index_select(0, full)
+    return (sums.index_select(0, full) / held).to(vectors.dtype)[:, None], held.to(vectors.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -329,12 +329,16 @@ def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> Non
     """Adds to ``out`` (entries,) float32 each code's count, or the sum of its ``weights``.
 
     On a GPU ``bincount`` reads the largest code back to the host (a sync per
-    call); ``index_add_`` does not. On the CPU ``bincount`` is the faster.
+    call); ``index_add_`` does not. On the CPU ``bincount`` is the faster. Counts
+    are whole numbers (int32 within a pass, as float32 adding ones stops at 2**24).
     """
     if _engine.on_host(codes.device):
         out.add_(torch.bincount(codes, weights=weights, minlength=out.numel()))
+    elif weights is None:
+        whole = torch.zeros(out.shape, dtype=torch.int32, device=out.device)
+        out.add_(whole.index_add_(0, codes, torch.ones_like(codes)))
     else:
-        out.index_add_(0, codes, weights if weights is not None else out.new_ones(codes.shape))
+        out.index_add_(0, codes, weights)
 
 
 def _columns(centroids: Tensor) -> int:
