@@ -71,7 +71,10 @@ def _squarem(points: Tensor, counts: Tensor, codebook: Tensor, tau: float, max_i
         r = first - centroids
         v = second - first - r
         alpha = torch.minimum((r.norm() / v.norm().clamp_min(torch.finfo(v.dtype).tiny)).double().clamp_min(1.0), bound)
-        third, reached = _em_step(points, counts, centroids + (2 * alpha) * r + (alpha * alpha) * v, tau)
+        # each term as a Python float step length would give it: a half-precision one is scaled in float32
+        wide = torch.promote_types(r.dtype, torch.float32)
+        ahead = centroids + ((2 * alpha) * r.to(wide)).to(r.dtype) + ((alpha * alpha) * v.to(wide)).to(r.dtype)
+        third, reached = _em_step(points, counts, ahead, tau)
         iterations += 1
         accepted = reached >= likelihood
         centroids = torch.where(accepted, third, second)
