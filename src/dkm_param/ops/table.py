@@ -74,10 +74,10 @@ T = TypeVar("T")
 # attention elements per chunk of the table (4 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 20
 # On a GPU each operation is launched from the host at a cost of microseconds, whatever its
-# size, and the caching allocator keeps temporaries mapped: passes and chunks there are as
-# large as these (64 MiB and 256 MiB in float32), so that a layer takes a few dozen launches.
+# size, and the caching allocator keeps temporaries mapped: passes there are this large (64 MiB
+# in float32), and chunks as large as the engine's there (``_engine.DEVICE_CHUNK_ELEMENTS``),
+# so that a layer takes a few dozen launches.
 _DEVICE_PASS = 1 << 24
-_DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> Non
 
 def _columns(centroids: Tensor) -> int:
     """Table entries per chunk of an attention over ``centroids`` (k,)."""
-    budget = _CHUNK_ELEMENTS if _engine.on_host(centroids.device) else _DEVICE_CHUNK_ELEMENTS
+    budget = _CHUNK_ELEMENTS if _engine.on_host(centroids.device) else _engine.DEVICE_CHUNK_ELEMENTS
     return max(1, budget // max(1, centroids.numel()))
 
 
