@@ -42,7 +42,7 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -70,7 +70,6 @@ GRID_TOLERANCE = 0.05
 # (larger ones cost cache misses) and are written into per-thread buffers kept from call to
 # call (``_buffer``): memory that large, freshly allocated, costs page faults on every pass
 _PASS = 1 << 19
-T = TypeVar("T")
 # attention elements per chunk of the table (4 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 20
 # On a GPU each operation is launched from the host at a cost of microseconds, whatever its
@@ -317,12 +316,13 @@ def _codes(n: int, device: torch.device) -> Tensor:
     return _buffer("codes", torch.int32, n, device)
 
 
-def _each_pass(n: int, work: Callable[[int, int], T], device: torch.device) -> list[T]:
+def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device) -> None:
     """``work(start, stop)`` for each pass over ``n`` values on ``device`` (``_PASS`` values on
-    the CPU, ``_DEVICE_PASS`` elsewhere), without gradient; the results in order."""
+    the CPU, ``_DEVICE_PASS`` elsewhere), without gradient."""
     step = _PASS if _engine.on_host(device) else _DEVICE_PASS
     with torch.no_grad():
-        return [work(start, min(start + step, n)) for start in range(0, n, step)]
+        for start in range(0, n, step):
+            work(start, min(start + step, n))
 
 
 def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> None:
