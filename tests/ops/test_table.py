@@ -7,16 +7,35 @@ gradient, returned in the weight's dtype, within that dtype's rounding
 (``eps``) on top of float32's tolerances. Iteration counts are equal.
 """
 
+import os
+
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from test_soft import GRADIENT_32, OUTPUT_32, assert_near, realistic_start, well_posed
 
-from dkm_param.ops import soft, table
+from dkm_param.ops import native, soft, table
 from strategies import bits, seeds, weights
 
 HALF = st.sampled_from([torch.bfloat16, torch.float16])
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "torch"])
+def passes(request):
+    """Every test here runs on both kinds of pass over the weight: the compiled loops
+    (``ops.native``) and the torch operations (a GPU's, and a machine's with no C compiler)."""
+    before = os.environ.get("DKM_PARAM_NATIVE")
+    os.environ["DKM_PARAM_NATIVE"] = "1" if request.param == "compiled" else "0"
+    try:
+        if request.param == "compiled" and not native.available():
+            pytest.skip("no C compiler here: the torch operations run")
+        yield request.param
+    finally:
+        if before is None:
+            del os.environ["DKM_PARAM_NATIVE"]
+        else:
+            os.environ["DKM_PARAM_NATIVE"] = before
 
 
 @st.composite

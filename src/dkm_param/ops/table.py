@@ -47,9 +47,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import _engine
+from . import _engine, native
 from ._engine import flushed_exp
-from .threads import threads_for
+from .threads import SMALL_WORK, share, threads_for
 
 __all__ = [
     "GRID_SIZES", "HALF_DTYPES", "TABLE_DTYPES", "TABLE_SIZE", "Grid", "GridTooCoarse", "distinct_values",
@@ -138,12 +138,16 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
     count a slice on one grid and sum the counts (an all-reduce) share one table.
     """
     size, flat = _entries(grid), values.reshape(-1)
+    if _compiled(flat):  # counted in int64, exactly
+        wide = values.new_zeros(size, dtype=torch.int64)
+        _each_pass(flat.numel(), lambda a, b, into: native.count(flat[a:b], into, *_placing(grid)), flat.device, wide)
+        return wide.float()
     counts = values.new_zeros(size, dtype=torch.float32)
 
-    def count(a: int, b: int) -> None:
-        _histogram(counts, value_codes(flat[a:b], grid, _codes(b - a, flat.device)))
+    def count(a: int, b: int, into: Tensor) -> None:
+        _histogram(into, value_codes(flat[a:b], grid, _codes(b - a, flat.device)))
 
-    _each_pass(flat.numel(), count, flat.device)
+    _each_pass(flat.numel(), count, flat.device, counts)
     return counts
 
 
@@ -272,8 +276,11 @@ def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     """``table[code(v)]`` for each value, in ``dtype``, pass by pass.  # (n,)"""
     flat, table = values.reshape(-1), table.to(dtype)
     out = torch.empty(flat.shape, dtype=dtype, device=values.device)
+    if _compiled(flat):
+        _each_pass(flat.numel(), lambda a, b, _: native.lookup(flat[a:b], out[a:b], table), flat.device)
+        return out
 
-    def look(a: int, b: int) -> None:
+    def look(a: int, b: int, _) -> None:
         torch.index_select(table, 0, value_codes(flat[a:b], None, _codes(b - a, flat.device)), out=out[a:b])
 
     _each_pass(flat.numel(), look, flat.device)
@@ -284,8 +291,12 @@ def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Ten
     """``base[code(v)] + v * slope[code(v)]`` for each float32 value, pass by pass.  # (n,)"""
     flat = values.reshape(-1)
     out = torch.empty_like(flat)
+    if _compiled(flat):
+        _each_pass(flat.numel(), lambda a, b, _: native.lookup(flat[a:b], out[a:b], base, slope, *_placing(grid)),
+                   flat.device)
+        return out
 
-    def work(a: int, b: int) -> None:
+    def work(a: int, b: int, _) -> None:
         codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
         gathered = torch.index_select(base, 0, codes, out=_buffer("first", torch.float32, b - a, flat.device))
         torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(gathered)
@@ -316,13 +327,47 @@ def _codes(n: int, device: torch.device) -> Tensor:
     return _buffer("codes", torch.int32, n, device)
 
 
-def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device) -> None:
-    """``work(start, stop)`` for each pass over ``n`` values on ``device`` (``_PASS`` values on
-    the CPU, ``_DEVICE_PASS`` elsewhere), without gradient."""
-    step = _PASS if _engine.on_host(device) else _DEVICE_PASS
-    with torch.no_grad():
-        for start in range(0, n, step):
-            work(start, min(start + step, n))
+def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device, total: Tensor | None = None) -> None:
+    """``work(start, stop, into)`` for each pass over ``n`` values on ``device`` (``_PASS`` values
+    on the CPU, ``_DEVICE_PASS`` elsewhere), without gradient.
+
+    On the CPU with several intra-op threads, a weight of ``SMALL_WORK`` values or more is cut
+    into as many runs of passes, run at once (``threads.share``: the lookups and counts are
+    serial loops). ``work`` writes its own range of the output, and adds its sums into
+    ``into``: ``total``, or a zeroed copy of it private to the run, added to ``total``
+    afterwards in the runs' order.
+    """
+    on_host = _engine.on_host(device)
+    step = _PASS if on_host else _DEVICE_PASS
+    runs = torch.get_num_threads() if on_host and n >= SMALL_WORK else 1
+
+    def run(low: int, high: int, into: Tensor | None) -> None:
+        with torch.no_grad():
+            for start in range(low, high, step):
+                work(start, min(start + step, high), into)
+
+    if runs == 1:
+        return run(0, n, total)
+    bounds = [n * i // runs for i in range(runs + 1)]
+    intos = [total, *(None if total is None else torch.zeros_like(total) for _ in range(runs - 1))]
+    share([partial(run, low, high, into) for low, high, into in zip(bounds, bounds[1:], intos)])
+    if total is not None:
+        for into in intos[1:]:
+            total.add_(into)
+
+
+def _compiled(flat: Tensor, *others: Tensor) -> bool:
+    """Whether a pass over ``flat`` (and ``others``, each of its dtype) runs compiled
+    (``ops.native``): on the CPU, each contiguous, with a C compiler at hand."""
+    tensors = (flat, *others)
+    return (_engine.on_host(flat.device) and all(t.is_contiguous() and t.dtype == flat.dtype for t in tensors)
+            and all(t.device == flat.device for t in others) and native.available())
+
+
+def _placing(grid: Grid | None) -> tuple[float, ...]:
+    """A float32 grid's least point and one over its step, as ``value_codes`` takes them; nothing
+    for a half-precision weight."""
+    return () if grid is None else (float(grid.low), float(1.0 / grid.step))
 
 
 def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> None:
@@ -464,6 +509,60 @@ def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, f
     return [torch.cat(p) for p in parts]
 
 
+def _sums_by_value(flat: Tensor, grad: Tensor, grid: Grid | None) -> Tensor:
+    """``G_v``: the sum of ``grad`` over the weights ``flat`` of each entry, pass by pass.  # (entries,) float32"""
+    size = _entries(grid)
+    if _compiled(flat, grad):  # added in float64
+        wide = flat.new_zeros(size, dtype=torch.float64)
+        _each_pass(flat.numel(), lambda a, b, into: native.gather(flat[a:b], grad[a:b], into, *_placing(grid)),
+                   flat.device, wide)
+        return wide.float()
+    sums = flat.new_zeros(size, dtype=torch.float32)
+
+    def gather(a: int, b: int, into: Tensor) -> None:
+        _histogram(into, value_codes(flat[a:b], grid, _codes(b - a, flat.device)), _upstream(grad, a, b))
+
+    _each_pass(flat.numel(), gather, flat.device, sums)
+    return sums
+
+
+def _gradient(flat: Tensor, grad: Tensor, grid: Grid | None, tables: tuple[Tensor, ...]) -> Tensor:
+    """The weight's gradient from ``grad``, pass by pass, in float32 throughout (mixed-dtype
+    arithmetic is several times slower): ``g a[e] + b[e]`` for a half-precision weight
+    (``tables``: ``(a, b)``), ``(bend[e] w + base[e]) g + shared[e]`` on a grid
+    (``(base, bend, shared)``).  # (n,) in the weight's dtype"""
+    out = torch.empty_like(flat)
+    if _compiled(flat, grad):
+        def spread(a: int, b: int, _) -> None:
+            native.spread(flat[a:b], grad[a:b], out[a:b], tables, *_placing(grid))
+    elif grid is None:
+        direct, shared = tables
+
+        def spread(a: int, b: int, _) -> None:
+            codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
+            first, second = (_buffer(name, torch.float32, b - a, flat.device) for name in ("first", "second"))
+            looked = torch.index_select(direct, 0, codes, out=first).mul_(_upstream(grad, a, b))
+            out[a:b] = looked.add_(torch.index_select(shared, 0, codes, out=second))
+    else:
+        base, bend, shared = tables
+
+        def spread(a: int, b: int, _) -> None:
+            codes, part = value_codes(flat[a:b], grid, _codes(b - a, flat.device)), out[a:b]
+            looked = _buffer("first", torch.float32, b - a, flat.device)
+            torch.index_select(bend, 0, codes, out=part).mul_(flat[a:b])
+            part.add_(torch.index_select(base, 0, codes, out=looked)).mul_(grad[a:b])
+            part.add_(torch.index_select(shared, 0, codes, out=looked))
+
+    _each_pass(flat.numel(), spread, flat.device)
+    return out
+
+
+def _upstream(grad: Tensor, a: int, b: int) -> Tensor:
+    """A pass's gradient in float32 (a half-precision one converted into a buffer)."""
+    part = grad[a:b]
+    return part if part.dtype == torch.float32 else _buffer("grad", torch.float32, b - a, part.device).copy_(part)
+
+
 class _TableCluster(torch.autograd.Function):
     """``table_cluster`` with gradient: saves the weight itself (no copy), the table of
     entries present and their counts, the first and last codebooks and the grid; backward
@@ -485,21 +584,8 @@ class _TableCluster(torch.autograd.Function):
         size = _entries(grid)
         # small work on one thread, by the rule DKMParametrization.forward follows
         with torch.autocast(values.device.type, enabled=False), threads_for(values.numel()):
-            grad = grad_soft.reshape(-1)
-            per_value = values.new_zeros(size, dtype=torch.float32)  # G_v
-            flat = values.reshape(-1)
-
-            def upstream(a: int, b: int) -> Tensor:
-                """The pass's gradient in float32 (a half-precision one converted into a buffer)."""
-                part = grad[a:b]
-                return part if part.dtype == torch.float32 else \
-                    _buffer("grad", torch.float32, b - a, part.device).copy_(part)
-
-            def gather(a: int, b: int) -> None:
-                codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
-                _histogram(per_value, codes, upstream(a, b))
-
-            _each_pass(flat.numel(), gather, flat.device)
+            grad, flat = grad_soft.reshape(-1), values.reshape(-1)
+            per_value = _sums_by_value(flat, grad, grid)  # G_v
             points = value_table(values.dtype, values.device, grid)[present]
             orders = 2 if grid is None else 3
             if ctx.iterations == 1:  # the usual step: in closed form, on one attention
@@ -516,25 +602,9 @@ class _TableCluster(torch.autograd.Function):
                 _, slope, *bend = _moments(points, books[-2].detach(), books[-1].detach(), tau, orders)
                 shared = moved / weights
             shared = _spread(shared, present, size)
-            out = torch.empty_like(flat)
-            if grid is None:
-                direct = _spread(slope, present, size)
-
-                def spread(a: int, b: int) -> None:
-                    # g_i a_v + b_v, in float32 throughout (mixed-dtype arithmetic is several times slower)
-                    codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
-                    first, second = (_buffer(name, torch.float32, b - a, flat.device) for name in ("first", "second"))
-                    looked = torch.index_select(direct, 0, codes, out=first).mul_(upstream(a, b))
-                    out[a:b] = looked.add_(torch.index_select(shared, 0, codes, out=second))
-            else:  # the slope at w itself, to first order: s'(u) + (w - u) s''(u)
-                base, bend = _spread(slope - points * bend[0], present, size), _spread(bend[0], present, size)
-
-                def spread(a: int, b: int) -> None:
-                    codes, part = value_codes(flat[a:b], grid, _codes(b - a, flat.device)), out[a:b]
-                    looked = _buffer("first", torch.float32, b - a, flat.device)
-                    torch.index_select(bend, 0, codes, out=part).mul_(flat[a:b])
-                    part.add_(torch.index_select(base, 0, codes, out=looked)).mul_(grad[a:b])
-                    part.add_(torch.index_select(shared, 0, codes, out=looked))
-
-            _each_pass(flat.numel(), spread, flat.device)
+            if grid is None:  # g_i a_v + b_v
+                tables = (_spread(slope, present, size), shared)
+            else:  # the slope at w itself, to first order: s'(u) + (w - u) s''(u), times g_i, plus b_v
+                tables = (_spread(slope - points * bend[0], present, size), _spread(bend[0], present, size), shared)
+            out = _gradient(flat, grad, grid, tables)
         return out.view_as(values), None, None, None, None, None, None

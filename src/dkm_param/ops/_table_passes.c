@@ -1,0 +1,109 @@
+/* The passes of ops/table.py over a weight, one loop each (loaded by ops/native.py).
+ *
+ * A half-precision weight (bfloat16 or float16) is read as its 16-bit patterns,
+ * each its own table entry; a float32 weight is read on a grid, each value at
+ * entry (int)min(max((v - low) * scale + 0.5, 0), size - 1). The arithmetic per
+ * weight is that of the torch operations the passes replace, in the same order
+ * (compiled without contraction into fused multiply-adds), and float32 results
+ * are rounded to the weight's dtype to nearest, ties to even, as torch does.
+ * Counts and sums are added into the caller's zeroed arrays, one per thread.
+ */
+#include <stdint.h>
+#include <string.h>
+
+int64_t dkm_table_passes_version(void) { return 1; }
+
+static inline float from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+static inline float bf16_to_float(uint16_t h) { return from_bits((uint32_t)h << 16); }
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t b = to_bits(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (uint16_t)(b >> 16);
+}
+
+/* IEEE half precision, as c10::Half converts (M. Dukhan's FP16 routines) */
+static inline float f16_to_float(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    return from_bits(sign | (two_w < (1u << 27) ? to_bits(denormalized) : to_bits(normalized)));
+}
+
+static inline uint16_t float_to_f16(float f) {
+    float base = (from_bits(to_bits(f) & 0x7fffffffu) * from_bits(0x77800000u)) * from_bits(0x08800000u);
+    const uint32_t w = to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = to_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static inline float half_to_float(uint16_t h, int bf16) { return bf16 ? bf16_to_float(h) : f16_to_float(h); }
+static inline uint16_t float_to_half(float f, int bf16) { return bf16 ? float_to_bf16(f) : float_to_f16(f); }
+
+static inline int64_t grid_entry(float v, float low, float scale, int64_t size) {
+    float t = (v - low) * scale + 0.5f;
+    const float last = (float)(size - 1);
+    t = t < 0.0f ? 0.0f : t;  /* torch's clamp: NaN stays NaN (never here: weights are finite) */
+    t = t > last ? last : t;
+    return (int64_t)t;
+}
+
+void dkm_count_half(const uint16_t *v, int64_t n, int64_t *counts) {
+    for (int64_t i = 0; i < n; i++) counts[v[i]]++;
+}
+
+void dkm_count_grid(const float *v, int64_t n, float low, float scale, int64_t size, int64_t *counts) {
+    for (int64_t i = 0; i < n; i++) counts[grid_entry(v[i], low, scale, size)]++;
+}
+
+void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = table[v[i]];
+}
+
+/* base[e] + v * slope[e]: the soft value to first order about the grid point */
+void dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t size, const float *base,
+                     const float *slope, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t e = grid_entry(v[i], low, scale, size);
+        const float moved = slope[e] * v[i];
+        out[i] = moved + base[e];
+    }
+}
+
+/* the loops below are written once for each half dtype, the flag tested outside them */
+#define EACH_HALF(bf16, loop) do { if (bf16) { const int is_bf16 = 1; loop } else { const int is_bf16 = 0; loop } } while (0)
+
+void dkm_gather_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, double *sums) {
+    EACH_HALF(bf16, for (int64_t i = 0; i < n; i++) sums[v[i]] += half_to_float(g[i], is_bf16););
+}
+
+void dkm_gather_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
+                     double *sums) {
+    for (int64_t i = 0; i < n; i++) sums[grid_entry(v[i], low, scale, size)] += g[i];
+}
+
+/* g a[e] + b[e], rounded to the weight's dtype */
+void dkm_spread_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, const float *a, const float *b,
+                     uint16_t *out) {
+    EACH_HALF(bf16, for (int64_t i = 0; i < n; i++) {
+        const float direct = a[v[i]] * half_to_float(g[i], is_bf16);
+        out[i] = float_to_half(direct + b[v[i]], is_bf16);
+    });
+}
+
+/* ((bend[e] v + base[e]) g) + shared[e]: the slope at v to first order, times g, plus the codebooks' share */
+void dkm_spread_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
+                     const float *base, const float *bend, const float *shared, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t e = grid_entry(v[i], low, scale, size);
+        const float slope = bend[e] * v[i] + base[e];
+        out[i] = slope * g[i] + shared[e];
+    }
+}

@@ -1,0 +1,182 @@
+"""The value table's passes over a weight as compiled loops, when a C compiler is at hand.
+
+Each pass of ``ops.table`` over a weight on the CPU (count its values, look up
+the soft weight, sum the gradient by value, spread it back) is otherwise a few
+torch operations, each a pass over memory of its own, and torch's
+``index_select`` and ``bincount`` there are serial loops. Here each pass is
+one loop in C (``_table_passes.c``) that reads each weight once, compiled on
+first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) into a cache directory (``$DKM_PARAM_CACHE``, else
+``$XDG_CACHE_HOME/dkm_param``, else ``~/.cache/dkm_param``) and loaded with
+ctypes, which lets go of the GIL while a loop runs, so that runs of one
+weight on several threads proceed at once (``threads.share``).
+
+The arithmetic per weight is the torch operations', in the same order, so
+counts, soft values and their rounding to the weight's dtype are bit for bit
+the same; the gradient's sums by value are added in float64 (torch: float32
+pass by pass), so the gradient may differ in its last bits. With
+``DKM_PARAM_NATIVE=0``, no compiler, or one that fails (a warning says so,
+once), the torch operations run: the same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "count", "gather", "lookup", "spread"]
+
+_SOURCE = Path(__file__).with_name("_table_passes.c")
+_FLAGS = ("-O3", "-falign-loops=64", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+_VERSION = 1  # dkm_table_passes_version() of the source this module calls
+_PTR, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "dkm_count_half": (_PTR, _N, _PTR),
+    "dkm_count_grid": (_PTR, _N, _F, _F, _N, _PTR),
+    "dkm_lookup_half": (_PTR, _N, _PTR, _PTR),
+    "dkm_lookup_line": (_PTR, _N, _F, _F, _N, _PTR, _PTR, _PTR),
+    "dkm_gather_half": (_PTR, _PTR, _N, _INT, _PTR),
+    "dkm_gather_grid": (_PTR, _PTR, _N, _F, _F, _N, _PTR),
+    "dkm_spread_half": (_PTR, _PTR, _N, _INT, _PTR, _PTR, _PTR),
+    "dkm_spread_grid": (_PTR, _PTR, _N, _F, _F, _N, _PTR, _PTR, _PTR, _PTR),
+}
+_LOADED: dict[str, ctypes.CDLL | None] = {}
+_LOCK = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the compiled passes run here (compiling them on the first call)."""
+    return _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DKM_PARAM_NATIVE", "1").strip() in ("0", "false", "no", "off"):
+        return None
+    with _LOCK:
+        if "lib" not in _LOADED:
+            _LOADED["lib"] = _load()
+        return _LOADED["lib"]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("DKM_PARAM_CACHE"):
+        return Path(os.environ["DKM_PARAM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dkm_param"
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    return shutil.which(named) if named else next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    path = _path(compiler)
+    try:
+        try:
+            library = _opened(path)
+        except OSError:  # not compiled yet, or a file that is not a whole library: compiled afresh
+            _compile(compiler, path)
+            library = _opened(path)
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"dkm_param: the compiled value-table passes are not available ({error}); the torch "
+                      "operations run instead, the same results more slowly (DKM_PARAM_NATIVE=0 silences this)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    for name, arguments in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, None
+    return library
+
+
+def _path(compiler: str) -> Path:
+    """Where the library compiled by ``compiler`` is kept: named by what it is built from."""
+    made_of = [_SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(made_of)).hexdigest()[:16]
+    return _cache_dir() / f"table_passes_{key}.so"
+
+
+def _opened(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    if getattr(library, "dkm_table_passes_version", lambda: None)() != _VERSION:
+        raise OSError(f"{path} is not this version's library")
+    return library
+
+
+def _compile(compiler: str, path: Path) -> None:
+    """Compile the source into ``path``: into a file beside it, renamed into place once whole (a
+    process compiling at the same time renames its own whole file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _bits(tensor: Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def count(values: Tensor, counts: Tensor, low: float = 0.0, scale: float = 0.0) -> None:
+    """Add each value's count to ``counts`` (entries,) int64: a half-precision value at its bit
+    pattern, a float32 one at its grid point (``low``, ``scale``: the grid's least point and one
+    over its step; ``counts.numel()`` points)."""
+    library, n = _library(), values.numel()
+    if values.dtype == torch.float32:
+        library.dkm_count_grid(_bits(values), n, low, scale, counts.numel(), _bits(counts))
+    else:
+        library.dkm_count_half(_bits(values), n, _bits(counts))
+
+
+def lookup(values: Tensor, out: Tensor, table: Tensor, slope: Tensor | None = None, low: float = 0.0,
+           scale: float = 0.0) -> None:
+    """``out = table[entry(v)]`` for half-precision values (``table`` in their dtype), or
+    ``table[entry(v)] + v slope[entry(v)]`` for float32 values on a grid (both float32)."""
+    library, n = _library(), values.numel()
+    if values.dtype == torch.float32:
+        library.dkm_lookup_line(_bits(values), n, low, scale, table.numel(), _bits(table), _bits(slope), _bits(out))
+    else:
+        library.dkm_lookup_half(_bits(values), n, _bits(table), _bits(out))
+
+
+def gather(values: Tensor, grad: Tensor, sums: Tensor, low: float = 0.0, scale: float = 0.0) -> None:
+    """Add each value's gradient ``grad`` (the values' dtype) into ``sums`` (entries,) float64."""
+    library, n = _library(), values.numel()
+    if values.dtype == torch.float32:
+        library.dkm_gather_grid(_bits(values), _bits(grad), n, low, scale, sums.numel(), _bits(sums))
+    else:
+        library.dkm_gather_half(_bits(values), _bits(grad), n, int(values.dtype == torch.bfloat16), _bits(sums))
+
+
+def spread(values: Tensor, grad: Tensor, out: Tensor, tables: tuple[Tensor, ...], low: float = 0.0,
+           scale: float = 0.0) -> None:
+    """The weight's gradient from ``grad`` (each the values' dtype) and float32 tables over the
+    entries: ``grad a + b`` for half-precision values (``tables``: ``(a, b)``), or
+    ``(bend v + base) grad + shared`` on a grid (``(base, bend, shared)``)."""
+    library, n = _library(), values.numel()
+    pointers = [_bits(table) for table in tables]
+    if values.dtype == torch.float32:
+        library.dkm_spread_grid(_bits(values), _bits(grad), n, low, scale, tables[0].numel(), *pointers, _bits(out))
+    else:
+        library.dkm_spread_half(_bits(values), _bits(grad), n, int(values.dtype == torch.bfloat16), *pointers,
+                                _bits(out))

@@ -1,0 +1,177 @@
+"""The compiled passes over a weight (``ops.native``) against the torch operations they replace,
+and how the library is found, compiled, refused and replaced."""
+
+import warnings
+
+import pytest
+import torch
+
+from dkm_param.ops import native, table, threads
+
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """No library loaded yet, a cache directory of its own."""
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("DKM_PARAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DKM_PARAM_NATIVE", raising=False)
+    return tmp_path / "cache"
+
+
+def both_ways(monkeypatch, work):
+    """``work()`` with the compiled passes, then with the torch operations."""
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "1")
+    assert native.available()
+    compiled = work()
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "0")
+    return compiled, work()
+
+
+def step(values, codebook, tau, grid):
+    """(counts, soft values, final codebook, iterations, gradient) of one training step."""
+    live = values.detach().clone().requires_grad_()
+    counts = table.value_counts(values, grid)
+    out, final, iterations = table.table_cluster(live, codebook, tau, 4, 0.0, counts=counts, grid=grid)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    out.backward(upstream)
+    return counts, out.detach(), final, iterations, live.grad
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1000, 3 * (1 << 19) + 7])  # one pass; several, shared by two threads
+def test_compiled_passes_give_the_torch_operations_results(dtype, n, monkeypatch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        values = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+        codebook = torch.linspace(-0.04, 0.04, 16)[:, None]
+        grid = None
+        if dtype == torch.float32:
+            low, high = torch.aminmax(values)
+            grid = table.value_grid(low, high, table.grid_size(low, high, codebook, 1e-4))
+        compiled, plain = both_ways(monkeypatch, lambda: step(values, codebook, 1e-4, grid))
+    finally:
+        torch.set_num_threads(previous)
+    for got, want in zip(compiled[:3], plain[:3]):  # counts, soft values, codebook: bit for bit
+        assert torch.equal(got, want)
+    assert compiled[3] == plain[3]
+    # the gradient's sums by value are added in float64 here, in float32 pass by pass there
+    scale = float(plain[4].float().abs().max())
+    assert float((compiled[4].float() - plain[4].float()).abs().max()) <= 1e-5 * scale
+    assert float((compiled[4] == plain[4]).float().mean()) > 0.9
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_read_and_rounded_as_torch_does(dtype, monkeypatch):
+    """Every 16-bit pattern as a weight and as a gradient, tables over float32's whole range
+    (subnormal, overflowing, ties): the same bits either way."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    weights = patterns[torch.isfinite(patterns)]
+    grad = weights[torch.randperm(weights.numel(), generator=torch.Generator().manual_seed(0))]
+    gen = torch.Generator().manual_seed(1)
+    spread = torch.randn(table.TABLE_SIZE, generator=gen) * 2.0 ** torch.randint(-40, 40, (table.TABLE_SIZE,),
+                                                                                   generator=gen)
+    shift = torch.randn(table.TABLE_SIZE, generator=gen) * 2.0 ** torch.randint(-30, 20, (table.TABLE_SIZE,),
+                                                                                  generator=gen)
+    ties = torch.arange(table.TABLE_SIZE, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    ties = ties + ties.abs() * (2.0 ** -9 if dtype == torch.bfloat16 else 2.0 ** -12)  # halfway to the next
+
+    def work():
+        looked = table._lookup(weights, ties, dtype)
+        return looked, table._gradient(weights, grad, None, (spread, shift))
+
+    compiled, plain = both_ways(monkeypatch, work)
+    for got, want in zip(compiled, plain):
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(got) & torch.isnan(want))
+        assert bool(same.all())
+
+
+@needs_compiler
+def test_the_library_is_compiled_once_into_the_cache_and_reused(fresh):
+    assert native.available()
+    (library,) = fresh.glob("table_passes_*.so")
+    assert not list(fresh.glob("*.tmp"))  # the partial file was renamed into place
+    built = library.stat().st_mtime_ns
+    native._LOADED.clear()
+    assert native.available() and library.stat().st_mtime_ns == built
+
+
+@needs_compiler
+def test_a_broken_cached_library_is_compiled_afresh(fresh):
+    path = native._path(native._compiler())
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a library")  # e.g. a copy cut short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available()
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_without_a_compiler_the_torch_operations_run_and_nothing_is_said(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()
+    values = torch.randn(5000).bfloat16()
+    assert torch.equal(table.value_counts(values), torch.bincount(table.value_codes(values),
+                                                                  minlength=table.TABLE_SIZE).float())
+
+
+def test_a_compiler_that_fails_is_named_in_one_warning(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # found, and fails
+    with pytest.warns(RuntimeWarning, match="torch operations run instead"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert not native.available()
+    assert not list(fresh.glob("*"))  # no partial file left behind
+
+
+def test_an_unwritable_cache_falls_back_with_a_warning(fresh, monkeypatch, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("DKM_PARAM_CACHE", str(blocker / "cache"))  # under a file: cannot be made
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    with pytest.warns(RuntimeWarning, match="not available"):
+        assert not native.available()
+
+
+def test_switched_off_by_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "0")
+    assert not native.available()
+    assert not native._LOADED  # nothing compiled or loaded
+
+
+def test_shared_tasks_run_on_one_thread_each_with_the_callers_modes():
+    seen, previous = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            threads.share([lambda: seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(),
+                                                torch.is_grad_enabled()))] * 2)
+        assert torch.get_num_threads() == 2  # the caller's own setting, as it was
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [(1, True, False)] * 2
+
+
+def test_a_shared_task_that_fails_is_raised_after_every_task_has_finished():
+    import time
+
+    finished = []
+
+    def slow():
+        time.sleep(0.05)
+        finished.append("slow")
+
+    def failing():
+        raise ValueError("in a task")
+
+    with pytest.raises(ValueError, match="in a task"):
+        threads.share([failing, slow])
+    assert finished == ["slow"]
