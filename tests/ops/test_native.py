@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from dkm_param.ops import native, table, threads
+from dkm_param.ops import native, table
 
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
 
@@ -41,7 +41,7 @@ def step(values, codebook, tau, grid):
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n", [1000, 3 * (1 << 19) + 7])  # one pass; several, shared by two threads
+@pytest.mark.parametrize("n", [1000, 3 * (1 << 19) + 7])  # one thread; shared by two
 def test_compiled_passes_give_the_torch_operations_results(dtype, n, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -58,9 +58,10 @@ def test_compiled_passes_give_the_torch_operations_results(dtype, n, monkeypatch
     for got, want in zip(compiled[:3], plain[:3]):  # counts, soft values, codebook: bit for bit
         assert torch.equal(got, want)
     assert compiled[3] == plain[3]
-    # the gradient's sums by value are added in float64 here, in float32 pass by pass there
-    scale = float(plain[4].float().abs().max())
-    assert float((compiled[4].float() - plain[4].float()).abs().max()) <= 1e-5 * scale
+    # the gradient's sums by value are added in float64 here, in float32 pass by pass there: a gradient
+    # near a tie between two values of its dtype may round the other way
+    scale = float(plain[4].float().abs().max()) * max(1e-5, torch.finfo(dtype).eps)
+    assert float((compiled[4].float() - plain[4].float()).abs().max()) <= scale
     assert float((compiled[4] == plain[4]).float().mean()) > 0.9
 
 
@@ -102,7 +103,8 @@ def test_the_library_is_compiled_once_into_the_cache_and_reused(fresh):
 
 @needs_compiler
 def test_a_broken_cached_library_is_compiled_afresh(fresh):
-    path = native._path(native._compiler())
+    compiler = native._compiler()
+    path = native._path(compiler, native._builds(compiler)[0])
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a library")  # e.g. a copy cut short
     with warnings.catch_warnings():
@@ -147,31 +149,21 @@ def test_switched_off_by_the_environment(fresh, monkeypatch):
     assert not native._LOADED  # nothing compiled or loaded
 
 
-def test_shared_tasks_run_on_one_thread_each_with_the_callers_modes():
-    seen, previous = [], torch.get_num_threads()
-    torch.set_num_threads(2)
+@needs_compiler
+def test_the_loops_run_on_torchs_threads_and_repeat_exactly(monkeypatch):
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "1")
+    values = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(3)) * 0.02).bfloat16()
+    codebook = torch.linspace(-0.04, 0.04, 8)[:, None]
+    previous = torch.get_num_threads()
     try:
-        with torch.inference_mode():
-            threads.share([lambda: seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(),
-                                                torch.is_grad_enabled()))] * 2)
-        assert torch.get_num_threads() == 2  # the caller's own setting, as it was
+        torch.set_num_threads(2)
+        twice = [step(values, codebook, 1e-4, None) for _ in range(2)]
+        torch.set_num_threads(1)
+        alone = step(values, codebook, 1e-4, None)
     finally:
         torch.set_num_threads(previous)
-    assert seen == [(1, True, False)] * 2
-
-
-def test_a_shared_task_that_fails_is_raised_after_every_task_has_finished():
-    import time
-
-    finished = []
-
-    def slow():
-        time.sleep(0.05)
-        finished.append("slow")
-
-    def failing():
-        raise ValueError("in a task")
-
-    with pytest.raises(ValueError, match="in a task"):
-        threads.share([failing, slow])
-    assert finished == ["slow"]
+    for got, want in zip(twice[0], twice[1]):  # the same bits from run to run, the gradient's sums included
+        assert got == want if isinstance(got, int) else torch.equal(got, want)
+    for got, want in zip(twice[0][:3], alone[:3]):  # counts, soft values and codebook whatever the threads
+        assert torch.equal(got, want)
+    assert native._gomp_loaded() <= 1  # torch's OpenMP runtime, not a second one

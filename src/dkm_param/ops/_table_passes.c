@@ -6,12 +6,70 @@
  * weight is that of the torch operations the passes replace, in the same order
  * (compiled without contraction into fused multiply-adds), and float32 results
  * are rounded to the weight's dtype to nearest, ties to even, as torch does.
- * Counts and sums are added into the caller's zeroed arrays, one per thread.
+ * Counts and sums are added into the caller's arrays.
+ *
+ * Built with OpenMP where torch uses it, each loop is shared among the calling
+ * thread's OpenMP team: the library loads torch's own OpenMP runtime (its
+ * soname is the system's), so the threads are torch's intra-op threads, as
+ * many as torch.set_num_threads set. A thread counts or sums its contiguous
+ * share of the weights into an array of its own, and the arrays are added in
+ * thread order: the same bits for the same number of threads.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-int64_t dkm_table_passes_version(void) { return 1; }
+int64_t dkm_table_passes_version(void) { return 2; }
+
+#ifdef _OPENMP
+/* threads for a loop over n weights: torch's, at most one per GRAIN of them (as torch's own loops) */
+#define GRAIN 32768
+static int team(int64_t n) {
+    const int most = omp_get_max_threads();
+    return n / GRAIN + 1 < most ? (int)(n / GRAIN + 1) : most;
+}
+
+/* the share [*lo, *hi) of n weights of thread t of threads */
+static inline void share(int64_t n, int t, int threads, int64_t *lo, int64_t *hi) {
+    *lo = n * t / threads;
+    *hi = n * (t + 1) / threads;
+}
+
+/* Runs BODY (over weights i from lo to hi, adding into TYPE *into) on each thread of the team:
+ * thread 0 into OUT, the others into arrays of their own, added to OUT in thread order after. */
+#define EACH_SHARE(TYPE, OUT, SIZE, N, BODY) do {                                                        \
+    const int wanted = team(N);                                                                       \
+    TYPE *parts = wanted > 1 ? (TYPE *)calloc((size_t)(wanted - 1) * (size_t)(SIZE), sizeof(TYPE)) : NULL; \
+    int threads = 1;                                                                                  \
+    if (parts) {                                                                                      \
+        _Pragma("omp parallel num_threads(wanted)")                                                   \
+        {                                                                                             \
+            const int t = omp_get_thread_num();                                                      \
+            _Pragma("omp single")                                                                     \
+            threads = omp_get_num_threads();                                                         \
+            int64_t lo, hi;                                                                           \
+            share(N, t, threads, &lo, &hi);                                                           \
+            TYPE *into = t == 0 ? (OUT) : parts + (size_t)(t - 1) * (size_t)(SIZE);                  \
+            BODY                                                                                      \
+        }                                                                                             \
+        for (int t = 1; t < threads; t++)                                                             \
+            for (int64_t e = 0; e < (SIZE); e++) (OUT)[e] += parts[(size_t)(t - 1) * (size_t)(SIZE) + e]; \
+        free(parts);                                                                                  \
+    } else {                                                                                          \
+        const int64_t lo = 0, hi = (N);                                                               \
+        TYPE *into = (OUT);                                                                           \
+        BODY                                                                                          \
+    }                                                                                                 \
+} while (0)
+/* a loop over the n weights of the function it is in, shared among the team */
+#define EACH_WEIGHT _Pragma("omp parallel for schedule(static) num_threads(team(n))")
+#else
+#define EACH_SHARE(TYPE, OUT, SIZE, N, BODY) do { const int64_t lo = 0, hi = (N); TYPE *into = (OUT); BODY } while (0)
+#define EACH_WEIGHT
+#endif
 
 static inline float from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
@@ -56,20 +114,22 @@ static inline int64_t grid_entry(float v, float low, float scale, int64_t size) 
 }
 
 void dkm_count_half(const uint16_t *v, int64_t n, int64_t *counts) {
-    for (int64_t i = 0; i < n; i++) counts[v[i]]++;
+    EACH_SHARE(int64_t, counts, 65536, n, for (int64_t i = lo; i < hi; i++) into[v[i]]++;);
 }
 
 void dkm_count_grid(const float *v, int64_t n, float low, float scale, int64_t size, int64_t *counts) {
-    for (int64_t i = 0; i < n; i++) counts[grid_entry(v[i], low, scale, size)]++;
+    EACH_SHARE(int64_t, counts, size, n, for (int64_t i = lo; i < hi; i++) into[grid_entry(v[i], low, scale, size)]++;);
 }
 
 void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16_t *out) {
+    EACH_WEIGHT
     for (int64_t i = 0; i < n; i++) out[i] = table[v[i]];
 }
 
 /* base[e] + v * slope[e]: the soft value to first order about the grid point */
 void dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t size, const float *base,
                      const float *slope, float *out) {
+    EACH_WEIGHT
     for (int64_t i = 0; i < n; i++) {
         const int64_t e = grid_entry(v[i], low, scale, size);
         const float moved = slope[e] * v[i];
@@ -81,26 +141,31 @@ void dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t 
 #define EACH_HALF(bf16, loop) do { if (bf16) { const int is_bf16 = 1; loop } else { const int is_bf16 = 0; loop } } while (0)
 
 void dkm_gather_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, double *sums) {
-    EACH_HALF(bf16, for (int64_t i = 0; i < n; i++) sums[v[i]] += half_to_float(g[i], is_bf16););
+    EACH_HALF(bf16, EACH_SHARE(double, sums, 65536, n,
+        for (int64_t i = lo; i < hi; i++) into[v[i]] += half_to_float(g[i], is_bf16);););
 }
 
 void dkm_gather_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
                      double *sums) {
-    for (int64_t i = 0; i < n; i++) sums[grid_entry(v[i], low, scale, size)] += g[i];
+    EACH_SHARE(double, sums, size, n, for (int64_t i = lo; i < hi; i++) into[grid_entry(v[i], low, scale, size)] += g[i];);
 }
 
 /* g a[e] + b[e], rounded to the weight's dtype */
 void dkm_spread_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, const float *a, const float *b,
                      uint16_t *out) {
-    EACH_HALF(bf16, for (int64_t i = 0; i < n; i++) {
-        const float direct = a[v[i]] * half_to_float(g[i], is_bf16);
-        out[i] = float_to_half(direct + b[v[i]], is_bf16);
+    EACH_HALF(bf16, {
+        EACH_WEIGHT
+        for (int64_t i = 0; i < n; i++) {
+            const float direct = a[v[i]] * half_to_float(g[i], is_bf16);
+            out[i] = float_to_half(direct + b[v[i]], is_bf16);
+        }
     });
 }
 
 /* ((bend[e] v + base[e]) g) + shared[e]: the slope at v to first order, times g, plus the codebooks' share */
 void dkm_spread_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
                      const float *base, const float *bend, const float *shared, float *out) {
+    EACH_WEIGHT
     for (int64_t i = 0; i < n; i++) {
         const int64_t e = grid_entry(v[i], low, scale, size);
         const float slope = bend[e] * v[i] + base[e];

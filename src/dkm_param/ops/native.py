@@ -8,15 +8,20 @@ one loop in C (``_table_passes.c``) that reads each weight once, compiled on
 first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
 ``clang``) into a cache directory (``$DKM_PARAM_CACHE``, else
 ``$XDG_CACHE_HOME/dkm_param``, else ``~/.cache/dkm_param``) and loaded with
-ctypes, which lets go of the GIL while a loop runs, so that runs of one
-weight on several threads proceed at once (``threads.share``).
+ctypes. Where torch runs on OpenMP the loops are built with it too, and share
+torch's own runtime and threads (the library asks for ``libgomp.so.1``,
+which torch has loaded): a loop runs on as many threads as
+``torch.set_num_threads`` gives, on threads that are already running. Where
+``-fopenmp`` does not build, the loops run on one thread.
 
 The arithmetic per weight is the torch operations', in the same order, so
 counts, soft values and their rounding to the weight's dtype are bit for bit
 the same; the gradient's sums by value are added in float64 (torch: float32
-pass by pass), so the gradient may differ in its last bits. With
-``DKM_PARAM_NATIVE=0``, no compiler, or one that fails (a warning says so,
-once), the torch operations run: the same results, slower.
+pass by pass), each thread's share apart and then in thread order, so the
+gradient may differ from the torch operations' in its last bits (and is the
+same from run to run at one thread count). With ``DKM_PARAM_NATIVE=0``, no
+compiler, or one that fails (a warning says so, once), the torch operations
+run: the same results, slower.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from torch import Tensor
 __all__ = ["available", "count", "gather", "lookup", "spread"]
 
 _SOURCE = Path(__file__).with_name("_table_passes.c")
+# -falign-loops: a loop of a few instructions that straddles a 64-byte line runs at two thirds the speed
 _FLAGS = ("-O3", "-falign-loops=64", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
-_VERSION = 1  # dkm_table_passes_version() of the source this module calls
+_VERSION = 2  # dkm_table_passes_version() of the source this module calls
 _PTR, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "dkm_count_half": (_PTR, _N, _PTR),
@@ -84,15 +90,21 @@ def _load() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         return None
-    path = _path(compiler)
-    try:
+    for flags in _builds(compiler):
+        path = _path(compiler, flags)
         try:
-            library = _opened(path)
-        except OSError:  # not compiled yet, or a file that is not a whole library: compiled afresh
-            _compile(compiler, path)
-            library = _opened(path)
-    except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"dkm_param: the compiled value-table passes are not available ({error}); the torch "
+            try:
+                library = _opened(path)
+            except OSError:  # not compiled yet, or a file that is not a whole library: compiled afresh
+                _compile(compiler, flags, path)
+                library = _opened(path)
+            if "-fopenmp" in flags and _gomp_loaded() != 1:
+                raise OSError("the OpenMP build loaded an OpenMP runtime other than torch's")
+            break
+        except (OSError, subprocess.SubprocessError) as error:
+            failure = error
+    else:
+        warnings.warn(f"dkm_param: the compiled value-table passes are not available ({failure}); the torch "
                       "operations run instead, the same results more slowly (DKM_PARAM_NATIVE=0 silences this)",
                       RuntimeWarning, stacklevel=3)
         return None
@@ -102,9 +114,38 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
-def _path(compiler: str) -> Path:
-    """Where the library compiled by ``compiler`` is kept: named by what it is built from."""
-    made_of = [_SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), platform.machine().encode()]
+def _builds(compiler: str) -> list[tuple[str, ...]]:
+    """The flags to try, in order: with OpenMP where torch's is GCC's and so is the compiler (else a
+    second runtime would come in), then without (the loops on one thread)."""
+    if _gomp_loaded() == 1 and _is_gcc(compiler):
+        return [(*_FLAGS, "-fopenmp"), _FLAGS]
+    return [_FLAGS]
+
+
+def _gomp_loaded() -> int:
+    """How many copies of GCC's OpenMP runtime (``libgomp.so.1``) the process has loaded (Linux;
+    elsewhere 0): torch's, where its parallel backend is GCC's OpenMP."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.rstrip().endswith("/libgomp.so.1")}
+    except OSError:
+        return 0
+    return len(paths)
+
+
+def _is_gcc(compiler: str) -> bool:
+    """Whether ``compiler`` is GCC (whose ``-fopenmp`` links ``libgomp.so.1``), not clang or another."""
+    try:
+        macros = subprocess.run([compiler, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "#define __GNUC__" in macros and "__clang__" not in macros and "__INTEL" not in macros
+
+
+def _path(compiler: str, flags: tuple[str, ...]) -> Path:
+    """Where the library compiled by ``compiler`` with ``flags`` is kept: named by what it is built from."""
+    made_of = [_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(made_of)).hexdigest()[:16]
     return _cache_dir() / f"table_passes_{key}.so"
 
@@ -116,14 +157,14 @@ def _opened(path: Path) -> ctypes.CDLL:
     return library
 
 
-def _compile(compiler: str, path: Path) -> None:
+def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> None:
     """Compile the source into ``path``: into a file beside it, renamed into place once whole (a
     process compiling at the same time renames its own whole file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", partial], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from . import _engine, native
 from ._engine import flushed_exp
-from .threads import SMALL_WORK, share, threads_for
+from .threads import threads_for
 
 __all__ = [
     "GRID_SIZES", "HALF_DTYPES", "TABLE_DTYPES", "TABLE_SIZE", "Grid", "GridTooCoarse", "distinct_values",
@@ -140,14 +140,14 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
     size, flat = _entries(grid), values.reshape(-1)
     if _compiled(flat):  # counted in int64, exactly
         wide = values.new_zeros(size, dtype=torch.int64)
-        _each_pass(flat.numel(), lambda a, b, into: native.count(flat[a:b], into, *_placing(grid)), flat.device, wide)
+        native.count(flat, wide, *_placing(grid))
         return wide.float()
     counts = values.new_zeros(size, dtype=torch.float32)
 
-    def count(a: int, b: int, into: Tensor) -> None:
-        _histogram(into, value_codes(flat[a:b], grid, _codes(b - a, flat.device)))
+    def count(a: int, b: int) -> None:
+        _histogram(counts, value_codes(flat[a:b], grid, _codes(b - a, flat.device)))
 
-    _each_pass(flat.numel(), count, flat.device, counts)
+    _each_pass(flat.numel(), count, flat.device)
     return counts
 
 
@@ -277,10 +277,10 @@ def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     flat, table = values.reshape(-1), table.to(dtype)
     out = torch.empty(flat.shape, dtype=dtype, device=values.device)
     if _compiled(flat):
-        _each_pass(flat.numel(), lambda a, b, _: native.lookup(flat[a:b], out[a:b], table), flat.device)
+        native.lookup(flat, out, table)
         return out
 
-    def look(a: int, b: int, _) -> None:
+    def look(a: int, b: int) -> None:
         torch.index_select(table, 0, value_codes(flat[a:b], None, _codes(b - a, flat.device)), out=out[a:b])
 
     _each_pass(flat.numel(), look, flat.device)
@@ -292,11 +292,10 @@ def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Ten
     flat = values.reshape(-1)
     out = torch.empty_like(flat)
     if _compiled(flat):
-        _each_pass(flat.numel(), lambda a, b, _: native.lookup(flat[a:b], out[a:b], base, slope, *_placing(grid)),
-                   flat.device)
+        native.lookup(flat, out, base, slope, *_placing(grid))
         return out
 
-    def work(a: int, b: int, _) -> None:
+    def work(a: int, b: int) -> None:
         codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
         gathered = torch.index_select(base, 0, codes, out=_buffer("first", torch.float32, b - a, flat.device))
         torch.index_select(slope, 0, codes, out=out[a:b]).mul_(flat[a:b]).add_(gathered)
@@ -327,33 +326,13 @@ def _codes(n: int, device: torch.device) -> Tensor:
     return _buffer("codes", torch.int32, n, device)
 
 
-def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device, total: Tensor | None = None) -> None:
-    """``work(start, stop, into)`` for each pass over ``n`` values on ``device`` (``_PASS`` values
-    on the CPU, ``_DEVICE_PASS`` elsewhere), without gradient.
-
-    On the CPU with several intra-op threads, a weight of ``SMALL_WORK`` values or more is cut
-    into as many runs of passes, run at once (``threads.share``: the lookups and counts are
-    serial loops). ``work`` writes its own range of the output, and adds its sums into
-    ``into``: ``total``, or a zeroed copy of it private to the run, added to ``total``
-    afterwards in the runs' order.
-    """
-    on_host = _engine.on_host(device)
-    step = _PASS if on_host else _DEVICE_PASS
-    runs = torch.get_num_threads() if on_host and n >= SMALL_WORK else 1
-
-    def run(low: int, high: int, into: Tensor | None) -> None:
-        with torch.no_grad():
-            for start in range(low, high, step):
-                work(start, min(start + step, high), into)
-
-    if runs == 1:
-        return run(0, n, total)
-    bounds = [n * i // runs for i in range(runs + 1)]
-    intos = [total, *(None if total is None else torch.zeros_like(total) for _ in range(runs - 1))]
-    share([partial(run, low, high, into) for low, high, into in zip(bounds, bounds[1:], intos)])
-    if total is not None:
-        for into in intos[1:]:
-            total.add_(into)
+def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device) -> None:
+    """``work(start, stop)`` for each pass over ``n`` values on ``device`` (``_PASS`` values on
+    the CPU, ``_DEVICE_PASS`` elsewhere), without gradient."""
+    step = _PASS if _engine.on_host(device) else _DEVICE_PASS
+    with torch.no_grad():
+        for start in range(0, n, step):
+            work(start, min(start + step, n))
 
 
 def _compiled(flat: Tensor, *others: Tensor) -> bool:
@@ -514,15 +493,14 @@ def _sums_by_value(flat: Tensor, grad: Tensor, grid: Grid | None) -> Tensor:
     size = _entries(grid)
     if _compiled(flat, grad):  # added in float64
         wide = flat.new_zeros(size, dtype=torch.float64)
-        _each_pass(flat.numel(), lambda a, b, into: native.gather(flat[a:b], grad[a:b], into, *_placing(grid)),
-                   flat.device, wide)
+        native.gather(flat, grad, wide, *_placing(grid))
         return wide.float()
     sums = flat.new_zeros(size, dtype=torch.float32)
 
-    def gather(a: int, b: int, into: Tensor) -> None:
-        _histogram(into, value_codes(flat[a:b], grid, _codes(b - a, flat.device)), _upstream(grad, a, b))
+    def gather(a: int, b: int) -> None:
+        _histogram(sums, value_codes(flat[a:b], grid, _codes(b - a, flat.device)), _upstream(grad, a, b))
 
-    _each_pass(flat.numel(), gather, flat.device, sums)
+    _each_pass(flat.numel(), gather, flat.device)
     return sums
 
 
@@ -533,12 +511,12 @@ def _gradient(flat: Tensor, grad: Tensor, grid: Grid | None, tables: tuple[Tenso
     (``(base, bend, shared)``).  # (n,) in the weight's dtype"""
     out = torch.empty_like(flat)
     if _compiled(flat, grad):
-        def spread(a: int, b: int, _) -> None:
-            native.spread(flat[a:b], grad[a:b], out[a:b], tables, *_placing(grid))
-    elif grid is None:
+        native.spread(flat, grad, out, tables, *_placing(grid))
+        return out
+    if grid is None:
         direct, shared = tables
 
-        def spread(a: int, b: int, _) -> None:
+        def spread(a: int, b: int) -> None:
             codes = value_codes(flat[a:b], grid, _codes(b - a, flat.device))
             first, second = (_buffer(name, torch.float32, b - a, flat.device) for name in ("first", "second"))
             looked = torch.index_select(direct, 0, codes, out=first).mul_(_upstream(grad, a, b))
@@ -546,7 +524,7 @@ def _gradient(flat: Tensor, grad: Tensor, grid: Grid | None, tables: tuple[Tenso
     else:
         base, bend, shared = tables
 
-        def spread(a: int, b: int, _) -> None:
+        def spread(a: int, b: int) -> None:
             codes, part = value_codes(flat[a:b], grid, _codes(b - a, flat.device)), out[a:b]
             looked = _buffer("first", torch.float32, b - a, flat.device)
             torch.index_select(bend, 0, codes, out=part).mul_(flat[a:b])
