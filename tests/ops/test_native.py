@@ -167,3 +167,24 @@ def test_the_loops_run_on_torchs_threads_and_repeat_exactly(monkeypatch):
     for got, want in zip(twice[0][:3], alone[:3]):  # counts, soft values and codebook whatever the threads
         assert torch.equal(got, want)
     assert native._gomp_loaded() <= 1  # torch's OpenMP runtime, not a second one
+
+
+@needs_compiler
+def test_the_loops_refuse_what_they_cannot_read_safely(monkeypatch):
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "1")
+    values = torch.randn(100).bfloat16()
+    with pytest.raises(ValueError, match="65536 entries"):
+        native.count(values, torch.zeros(1000, dtype=torch.int64))
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        native.count(values[::2], torch.zeros(1 << 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        native.lookup(values, torch.empty(99, dtype=torch.bfloat16), torch.zeros(1 << 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        native.gather(values, torch.randn(100), torch.zeros(1 << 16, dtype=torch.float64))  # float32 gradient
+    with pytest.raises(ValueError, match="takes 2 tables"):
+        native.spread(values, values, torch.empty_like(values), (torch.zeros(1 << 16),))
+    grid = torch.randn(100)
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):  # a slope shorter than the grid
+        native.lookup(grid, torch.empty(100), torch.zeros(64), torch.zeros(32), 0.0, 1.0)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        native.count(torch.arange(10), torch.zeros(16, dtype=torch.int64))

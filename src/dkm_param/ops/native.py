@@ -43,8 +43,9 @@ from torch import Tensor
 __all__ = ["available", "count", "gather", "lookup", "spread"]
 
 _SOURCE = Path(__file__).with_name("_table_passes.c")
-# -falign-loops: a loop of a few instructions that straddles a 64-byte line runs at two thirds the speed
-_FLAGS = ("-O3", "-falign-loops=64", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+# GCC's: a loop of a few instructions that straddles a 64-byte line runs at two thirds the speed
+_GCC_FLAGS = ("-falign-loops=64",)
 _VERSION = 2  # dkm_table_passes_version() of the source this module calls
 _PTR, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -117,9 +118,10 @@ def _load() -> ctypes.CDLL | None:
 def _builds(compiler: str) -> list[tuple[str, ...]]:
     """The flags to try, in order: with OpenMP where torch's is GCC's and so is the compiler (else a
     second runtime would come in), then without (the loops on one thread)."""
-    if _gomp_loaded() == 1 and _is_gcc(compiler):
-        return [(*_FLAGS, "-fopenmp"), _FLAGS]
-    return [_FLAGS]
+    if not _is_gcc(compiler):
+        return [_FLAGS]
+    flags = (*_FLAGS, *_GCC_FLAGS)
+    return [(*flags, "-fopenmp"), flags] if _gomp_loaded() == 1 else [flags]
 
 
 def _gomp_loaded() -> int:
@@ -178,10 +180,26 @@ def _bits(tensor: Tensor) -> int:
     return tensor.data_ptr()
 
 
+def _check(values: Tensor, entries: int, *pairs: tuple[Tensor, int, torch.dtype]) -> None:
+    """The loops read and write raw memory: refuse anything but contiguous CPU tensors of the sizes
+    and dtypes they take (``pairs``: each tensor, its size, its dtype; a size of -1 is ``entries``)."""
+    if values.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"the compiled passes take bfloat16, float16 or float32 values, got {values.dtype}")
+    if values.dtype != torch.float32 and entries != 1 << 16:
+        raise ValueError(f"a half-precision table has 65536 entries, got {entries}")
+    for tensor, size, dtype in ((values, values.numel(), values.dtype), *pairs):
+        size = entries if size == -1 else size
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() != size or tensor.dtype != dtype:
+            raise ValueError(f"the compiled passes take contiguous CPU tensors: wanted {size} of {dtype}, got "
+                             f"{tuple(tensor.shape)} of {tensor.dtype} on {tensor.device}, contiguous "
+                             f"{tensor.is_contiguous()}")
+
+
 def count(values: Tensor, counts: Tensor, low: float = 0.0, scale: float = 0.0) -> None:
     """Add each value's count to ``counts`` (entries,) int64: a half-precision value at its bit
     pattern, a float32 one at its grid point (``low``, ``scale``: the grid's least point and one
     over its step; ``counts.numel()`` points)."""
+    _check(values, counts.numel(), (counts, -1, torch.int64))
     library, n = _library(), values.numel()
     if values.dtype == torch.float32:
         library.dkm_count_grid(_bits(values), n, low, scale, counts.numel(), _bits(counts))
@@ -193,6 +211,10 @@ def lookup(values: Tensor, out: Tensor, table: Tensor, slope: Tensor | None = No
            scale: float = 0.0) -> None:
     """``out = table[entry(v)]`` for half-precision values (``table`` in their dtype), or
     ``table[entry(v)] + v slope[entry(v)]`` for float32 values on a grid (both float32)."""
+    line = () if slope is None else ((slope, -1, torch.float32),)
+    _check(values, table.numel(), (out, values.numel(), values.dtype), (table, -1, values.dtype), *line)
+    if values.dtype == torch.float32 and slope is None:
+        raise ValueError("a float32 lookup takes the slope too")
     library, n = _library(), values.numel()
     if values.dtype == torch.float32:
         library.dkm_lookup_line(_bits(values), n, low, scale, table.numel(), _bits(table), _bits(slope), _bits(out))
@@ -202,6 +224,7 @@ def lookup(values: Tensor, out: Tensor, table: Tensor, slope: Tensor | None = No
 
 def gather(values: Tensor, grad: Tensor, sums: Tensor, low: float = 0.0, scale: float = 0.0) -> None:
     """Add each value's gradient ``grad`` (the values' dtype) into ``sums`` (entries,) float64."""
+    _check(values, sums.numel(), (grad, values.numel(), values.dtype), (sums, -1, torch.float64))
     library, n = _library(), values.numel()
     if values.dtype == torch.float32:
         library.dkm_gather_grid(_bits(values), _bits(grad), n, low, scale, sums.numel(), _bits(sums))
@@ -214,6 +237,10 @@ def spread(values: Tensor, grad: Tensor, out: Tensor, tables: tuple[Tensor, ...]
     """The weight's gradient from ``grad`` (each the values' dtype) and float32 tables over the
     entries: ``grad a + b`` for half-precision values (``tables``: ``(a, b)``), or
     ``(bend v + base) grad + shared`` on a grid (``(base, bend, shared)``)."""
+    if len(tables) != (3 if values.dtype == torch.float32 else 2):
+        raise ValueError(f"a {values.dtype} gradient takes {3 if values.dtype == torch.float32 else 2} tables")
+    _check(values, tables[0].numel(), (grad, values.numel(), values.dtype), (out, values.numel(), values.dtype),
+           *((table, -1, torch.float32) for table in tables))
     library, n = _library(), values.numel()
     pointers = [_bits(table) for table in tables]
     if values.dtype == torch.float32:
