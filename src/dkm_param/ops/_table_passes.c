@@ -22,7 +22,7 @@
 #include <omp.h>
 #endif
 
-int64_t dkm_table_passes_version(void) { return 2; }
+int64_t dkm_table_passes_version(void) { return 3; }
 
 #ifdef _OPENMP
 /* threads for a loop over n weights: torch's, at most one per GRAIN of them (as torch's own loops) */
@@ -105,20 +105,35 @@ static inline uint16_t float_to_f16(float f) {
 static inline float half_to_float(uint16_t h, int bf16) { return bf16 ? bf16_to_float(h) : f16_to_float(h); }
 static inline uint16_t float_to_half(float f, int bf16) { return bf16 ? float_to_bf16(f) : float_to_f16(f); }
 
-static inline int64_t grid_entry(float v, float low, float scale, int64_t size) {
-    float t = (v - low) * scale + 0.5f;
+/* the grid entries of a block of at most BLOCK float32 values: a loop the compiler vectorizes, apart
+ * from the loop that reads or writes the tables by entry (which it cannot) */
+#define BLOCK 256
+static inline void grid_entries(const float *v, int64_t n, float low, float scale, int64_t size, int32_t *entries) {
     const float last = (float)(size - 1);
-    t = t < 0.0f ? 0.0f : t;  /* torch's clamp: NaN stays NaN (never here: weights are finite) */
-    t = t > last ? last : t;
-    return (int64_t)t;
+    for (int64_t i = 0; i < n; i++) {
+        float t = (v[i] - low) * scale + 0.5f;
+        t = t < 0.0f ? 0.0f : t;  /* torch's clamp: NaN stays NaN (never here: weights are finite) */
+        t = t > last ? last : t;
+        entries[i] = (int32_t)t;
+    }
 }
+
+/* for each block [s, s + m) of the weights from lo to hi, with their grid entries in e */
+#define EACH_BLOCK(lo, hi, BODY) do {                                                                   \
+    int32_t e[BLOCK];                                                                                 \
+    for (int64_t s = (lo); s < (hi); s += BLOCK) {                                                    \
+        const int64_t m = (hi) - s < BLOCK ? (hi) - s : BLOCK;                                       \
+        grid_entries(v + s, m, low, scale, size, e);                                                  \
+        BODY                                                                                          \
+    }                                                                                                 \
+} while (0)
 
 void dkm_count_half(const uint16_t *v, int64_t n, int64_t *counts) {
     EACH_SHARE(int64_t, counts, 65536, n, for (int64_t i = lo; i < hi; i++) into[v[i]]++;);
 }
 
 void dkm_count_grid(const float *v, int64_t n, float low, float scale, int64_t size, int64_t *counts) {
-    EACH_SHARE(int64_t, counts, size, n, for (int64_t i = lo; i < hi; i++) into[grid_entry(v[i], low, scale, size)]++;);
+    EACH_SHARE(int64_t, counts, size, n, EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]]++;););
 }
 
 void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16_t *out) {
@@ -130,10 +145,11 @@ void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16
 void dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t size, const float *base,
                      const float *slope, float *out) {
     EACH_WEIGHT
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t e = grid_entry(v[i], low, scale, size);
-        const float moved = slope[e] * v[i];
-        out[i] = moved + base[e];
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        EACH_BLOCK(b, b + BLOCK < n ? b + BLOCK : n, for (int64_t j = 0; j < m; j++) {
+            const float moved = slope[e[j]] * v[s + j];
+            out[s + j] = moved + base[e[j]];
+        });
     }
 }
 
@@ -147,7 +163,7 @@ void dkm_gather_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, 
 
 void dkm_gather_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
                      double *sums) {
-    EACH_SHARE(double, sums, size, n, for (int64_t i = lo; i < hi; i++) into[grid_entry(v[i], low, scale, size)] += g[i];);
+    EACH_SHARE(double, sums, size, n, EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]] += g[s + j];););
 }
 
 /* g a[e] + b[e], rounded to the weight's dtype */
@@ -166,9 +182,10 @@ void dkm_spread_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, 
 void dkm_spread_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
                      const float *base, const float *bend, const float *shared, float *out) {
     EACH_WEIGHT
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t e = grid_entry(v[i], low, scale, size);
-        const float slope = bend[e] * v[i] + base[e];
-        out[i] = slope * g[i] + shared[e];
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        EACH_BLOCK(b, b + BLOCK < n ? b + BLOCK : n, for (int64_t j = 0; j < m; j++) {
+            const float slope = bend[e[j]] * v[s + j] + base[e[j]];
+            out[s + j] = slope * g[s + j] + shared[e[j]];
+        });
     }
 }

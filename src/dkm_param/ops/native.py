@@ -46,7 +46,7 @@ _SOURCE = Path(__file__).with_name("_table_passes.c")
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 # GCC's: a loop of a few instructions that straddles a 64-byte line runs at two thirds the speed
 _GCC_FLAGS = ("-falign-loops=64",)
-_VERSION = 2  # dkm_table_passes_version() of the source this module calls
+_VERSION = 3  # dkm_table_passes_version() of the source this module calls
 _PTR, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "dkm_count_half": (_PTR, _N, _PTR),
