@@ -280,3 +280,28 @@ def test_a_grid_too_coarse_for_the_temperature_is_refused_with_the_size_needed()
     with pytest.raises(table.GridTooCoarse) as hopeless:
         table.table_cluster(values, codebook, tau * 1e-8, 2, 0.0, grid=grid)
     assert hopeless.value.size is None
+
+
+@given(seed=seeds, b=st.integers(1, 8), freedom=st.sampled_from([2, 4, 1000]), sharper=st.sampled_from([1, 0.1, 0.01]))
+def test_a_grid_of_grid_sizes_points_passes_the_starting_check_that_sized_skips(seed, b, freedom, sharper):
+    """``sized=True`` (the parametrization's grids) skips the check of the starting centroids: a
+    grid of ``grid_size``'s points always passes it, and the results are those of the check."""
+    values = heavy_tailed(5_000, seed, freedom)
+    codebook, tau, _ = realistic_start(values[:, None], 1 << b, seed)
+    tau *= sharper
+    low, high = torch.aminmax(values)
+    size = table.grid_size(low, high, codebook, tau)
+    assume(size is not None)
+    grid = table.value_grid(low, high, size)
+    present, points, _ = table.distinct_values(torch.float32, table.value_counts(values, grid), grid)
+    assert float(table._fineness(grid, codebook[:, 0], tau, points)) <= table.GRID_TOLERANCE
+    runs = []
+    for sized in (False, True):
+        try:
+            runs.append(table.table_cluster(values, codebook, tau, 3, 0.0, grid=grid, sized=sized))
+        except table.GridTooCoarse as coarse:  # the iterations moved the centroids: refused either way
+            runs.append(coarse.size)
+    if isinstance(runs[0], int) or runs[0] is None:
+        assert runs[1] == runs[0]
+    else:
+        assert all(torch.equal(got, want) for got, want in zip(runs[0][:2], runs[1][:2])) and runs[0][2] == runs[1][2]

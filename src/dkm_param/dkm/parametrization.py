@@ -334,7 +334,8 @@ class DKMParametrization(nn.Module):
             grid = table.value_grid(low, high, size)
             counts = self._value_counts(values.detach(), grid)
             try:
-                return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts, grid=grid)[:2]
+                return table.table_cluster(values, book, tau, max_iter, epsilon, counts=counts, grid=grid,
+                                           sized=True)[:2]
             except table.GridTooCoarse as coarse:  # the iterations moved the centroids closer
                 size = coarse.size
         out, updated, _ = soft.soft_cluster(values[:, None], book.clone(), tau, max_iter, epsilon,

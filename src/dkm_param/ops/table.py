@@ -126,9 +126,14 @@ def value_codes(values: Tensor, grid: Grid | None = None, out: Tensor | None = N
 def value_table(dtype: torch.dtype, device: torch.device, grid: Grid | None = None) -> Tensor:
     """The value of every entry, in float32: each 16-bit pattern of ``dtype``, or each point
     of ``grid``.  # (entries,)"""
+    return _entry_values(torch.arange(_entries(grid), dtype=torch.int32, device=device), dtype, grid)
+
+
+def _entry_values(entries: Tensor, dtype: torch.dtype, grid: Grid | None) -> Tensor:
+    """``value_table(dtype, device, grid)[entries]``, computed for those entries alone.  # (U,)"""
     if grid is None:
-        return torch.arange(TABLE_SIZE, dtype=torch.int32, device=device).to(torch.int16).view(dtype).float()
-    return torch.arange(grid.size, dtype=torch.float32, device=device).mul_(grid.step).add_(grid.low)
+        return entries.to(torch.int16).view(dtype).float()
+    return entries.float().mul_(grid.step).add_(grid.low)
 
 
 def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
@@ -153,7 +158,7 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
 
 def table_cluster(
     values: Tensor, codebook: Tensor, tau: float, max_iter: int, epsilon: float,
-    counts: Tensor | None = None, grid: Grid | None = None,
+    counts: Tensor | None = None, grid: Grid | None = None, sized: bool = False,
 ) -> tuple[Tensor, Tensor, int]:
     """``soft_cluster`` for a one-dimensional weight, by value table.
 
@@ -161,6 +166,9 @@ def table_cluster(
     grid: a float32 weight's ``value_grid``, on ``grid_size`` points (None: on
     ``TABLE_SIZE`` points).
     counts: ``value_counts(values, grid)`` if the caller has it (summed across ranks).
+    sized: ``grid`` has at least ``grid_size``'s points for the weight's extremes, ``codebook``
+    and ``tau`` (a quarter to spare), so is fine enough for the starting centroids: that check
+    is skipped (the one after the iterations, when they moved the centroids, is not).
     Returns ``(soft values (n,) in values' dtype, final codebook (k, 1), iterations run)``.
     Raises ValueError for another dtype or ``max_iter < 1``, and GridTooCoarse when a
     float32 weight's grid is too coarse for ``tau`` (before any result is formed).
@@ -175,7 +183,7 @@ def table_cluster(
         grid = value_grid(*torch.aminmax(values.detach()))
     if counts is None:
         counts = value_counts(values.detach(), grid)
-    args = (codebook.float(), counts.float(), grid, float(tau), int(max_iter), float(epsilon))
+    args = (codebook.float(), counts.float(), grid, float(tau), int(max_iter), float(epsilon), bool(sized))
     with torch.autocast(values.device.type, enabled=False):
         if torch.is_grad_enabled() and values.requires_grad:
             return _TableCluster.apply(values, *args)
@@ -187,7 +195,7 @@ def table_cluster(
 def distinct_values(dtype: torch.dtype, counts: Tensor, grid: Grid | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """From ``value_counts``: the entries present, their values and their counts.  # (U,) each"""
     present = counts.nonzero()[:, 0]
-    return present, value_table(dtype, counts.device, grid)[present], counts[present]
+    return present, _entry_values(present, dtype, grid), counts[present]
 
 
 def _entries(grid: Grid | None) -> int:
@@ -195,12 +203,13 @@ def _entries(grid: Grid | None) -> int:
 
 
 def _run(values: Tensor, codebook: Tensor, counts: Tensor, grid: Grid | None, tau: float, max_iter: int,
-         epsilon: float):
+         epsilon: float, sized: bool = False):
     """The forward: ``(soft values (n,), codebooks [C_0 .. C_T] (k,) each, entries present, their counts)``."""
     present, points, weights = distinct_values(values.dtype, counts, grid)
     # a float32 weight's grid is checked against the starting centroids, the ratio read back with
     # the first iteration's shift (one wait on a GPU) and refused before any result is formed
-    check = None if grid is None else (_fineness(grid, codebook[:, 0], tau, points), partial(_refuse_coarse, grid))
+    check = None if grid is None or sized else (_fineness(grid, codebook[:, 0], tau, points),
+                                                partial(_refuse_coarse, grid))
     books, attention = _iterate(points, weights, codebook, tau, max_iter, epsilon, check)
     if grid is None:  # each weight is its table entry's value
         (soft,) = _moments(points, books[-2], books[-1], tau, 1, attention)
@@ -547,8 +556,8 @@ class _TableCluster(torch.autograd.Function):
     recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, values, codebook, counts, grid, tau, max_iter, epsilon):
-        soft, books, present, weights = _run(values, codebook, counts, grid, tau, max_iter, epsilon)
+    def forward(ctx, values, codebook, counts, grid, tau, max_iter, epsilon, sized):
+        soft, books, present, weights = _run(values, codebook, counts, grid, tau, max_iter, epsilon, sized)
         ctx.save_for_backward(values, present, weights, books[0], books[-1])
         ctx.tau, ctx.iterations, ctx.grid = tau, len(books) - 1, grid
         final = books[-1][:, None]
@@ -564,7 +573,7 @@ class _TableCluster(torch.autograd.Function):
         with torch.autocast(values.device.type, enabled=False), threads_for(values.numel()):
             grad, flat = grad_soft.reshape(-1), values.reshape(-1)
             per_value = _sums_by_value(flat, grad, grid)  # G_v
-            points = value_table(values.dtype, values.device, grid)[present]
+            points = _entry_values(present, values.dtype, grid)
             orders = 2 if grid is None else 3
             if ctx.iterations == 1:  # the usual step: in closed form, on one attention
                 shared, slope, *bend = _one_iteration_backward(points, weights, per_value[present], first, last,
@@ -585,4 +594,4 @@ class _TableCluster(torch.autograd.Function):
             else:  # the slope at w itself, to first order: s'(u) + (w - u) s''(u), times g_i, plus b_v
                 tables = (_spread(slope - points * bend[0], present, size), _spread(bend[0], present, size), shared)
             out = _gradient(flat, grad, grid, tables)
-        return out.view_as(values), None, None, None, None, None, None
+        return out.view_as(values), None, None, None, None, None, None, None
