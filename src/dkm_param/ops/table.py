@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Callable
 
 import torch
@@ -86,6 +86,12 @@ class Grid:
     low: Tensor
     step: Tensor
     size: int
+
+    @cached_property
+    def placing(self) -> tuple[float, float]:
+        """The least point and one over the step, as Python floats (read once: ``ops.native``'s
+        passes take them), the values ``value_codes`` computes with."""
+        return float(self.low), float(1.0 / self.step)
 
 
 class GridTooCoarse(Exception):
@@ -355,7 +361,7 @@ def _compiled(flat: Tensor, *others: Tensor) -> bool:
 def _placing(grid: Grid | None) -> tuple[float, ...]:
     """A float32 grid's least point and one over its step, as ``value_codes`` takes them; nothing
     for a half-precision weight."""
-    return () if grid is None else (float(grid.low), float(1.0 / grid.step))
+    return () if grid is None else grid.placing
 
 
 def _histogram(out: Tensor, codes: Tensor, weights: Tensor | None = None) -> None:
