@@ -188,3 +188,76 @@ def test_the_loops_refuse_what_they_cannot_read_safely(monkeypatch):
         native.lookup(grid, torch.empty(100), torch.zeros(64), torch.zeros(32), 0.0, 1.0)
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         native.count(torch.arange(10), torch.zeros(16, dtype=torch.int64))
+
+
+@needs_compiler
+def test_a_nan_on_a_grid_is_refused_and_nothing_is_touched_out_of_place(monkeypatch):
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "1")
+    grid = table.value_grid(torch.tensor(0.0), torch.tensor(1.0), 4096)
+    values = torch.tensor([0.0, float("nan"), 1.0, 0.5] * 1000)
+    with pytest.raises(ValueError, match="1000 of 4000 float32 values are NaN"):
+        table.value_counts(values, grid)
+    counts = torch.zeros(4096, dtype=torch.int64)
+    with pytest.raises(ValueError, match="NaN"):
+        native.count(values, counts, *grid.placing)
+    assert int(counts.sum()) == 4000 and int(counts[0]) == 2000  # NaN at the first point, counted in place
+
+
+@needs_compiler
+def test_grids_the_loops_cannot_take_are_left_to_the_torch_operations(monkeypatch):
+    monkeypatch.setenv("DKM_PARAM_NATIVE", "1")
+    huge = torch.tensor([-3e38, 0.0, 3e38])  # finite, but the grid's step overflows
+    assert not table._compiled(huge, table.value_grid(*torch.aminmax(huge), 4096))
+    values = torch.rand(100)
+    assert table._compiled(values, table.value_grid(*torch.aminmax(values), 4096))
+    assert not table._compiled(values, table.value_grid(*torch.aminmax(values), native.MOST_GRID_POINTS + 1))
+    assert not table._compiled(values, None)  # float32 takes a grid; a half-precision weight none
+    assert not table._compiled(values.double(), table.value_grid(*torch.aminmax(values), 4096))
+    with pytest.raises(ValueError, match="a grid of 1 to"):  # and the loops refuse them themselves
+        native.count(values, torch.zeros(native.MOST_GRID_POINTS + 1, dtype=torch.int64), 0.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        table.value_grid(torch.tensor(0.0), torch.tensor(1.0), 1)
+
+
+@needs_compiler
+def test_a_cached_library_cut_short_is_compiled_afresh(fresh):
+    compiler = native._compiler()
+    whole = native._path(compiler, native._builds(compiler)[0])
+    assert native.available()
+    data = whole.read_bytes()
+    native._LOADED.clear()
+    elsewhere = fresh.parent / "elsewhere"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DKM_PARAM_CACHE", str(elsewhere))
+        path = native._path(compiler, native._builds(compiler)[0])
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data[: len(data) // 2])  # loading it would crash the process
+        assert not native._whole(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.available()
+        assert native._whole(path) and path.stat().st_size == len(data)
+
+
+@needs_compiler
+def test_a_cached_library_of_another_version_is_replaced(fresh, tmp_path):
+    import subprocess
+
+    compiler = native._compiler()
+    path = native._path(compiler, native._builds(compiler)[0])
+    path.parent.mkdir(parents=True)
+    old = tmp_path / "old.c"
+    old.write_text("long long dkm_table_passes_version(void) { return 1; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", str(old), "-o", str(path)], check=True)
+    assert native.available()
+    assert native._library().dkm_table_passes_version() == native._VERSION
+    native._LOADED.clear()
+    assert native.available()  # the file in place is now this version's
+
+
+def test_a_package_without_its_source_falls_back_with_a_warning(fresh, monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_SOURCE", tmp_path / "missing.c")
+    with pytest.warns(RuntimeWarning, match="not available"):
+        assert not native.available()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -126,6 +127,12 @@ class DKMParametrization(nn.Module):
         if self.by_value(weight):
             values = layout.grouped_vectors(weight.detach(), 1, spec.group_size, None, spec.layout)[group, :, 0]
             grid = None if weight.dtype in table.HALF_DTYPES else table.value_grid(*torch.aminmax(values))
+            if grid is not None and not math.isfinite(float(grid.step)):
+                low, high = (float(v) for v in torch.aminmax(values))
+                raise RegistrationError(
+                    f"layer '{self.name}': the weight's values span {low:.3g} to {high:.3g}, a range wider than "
+                    "float32 holds (or NaN); scale the weight down, or skip the layer in the policy"
+                )
             _, distinct, counts = table.distinct_values(weight.dtype, table.value_counts(values, grid), grid)
             return distinct[:, None], counts
         if spec.dim == 1 and len(vectors):

@@ -6,7 +6,9 @@
  * weight is that of the torch operations the passes replace, in the same order
  * (compiled without contraction into fused multiply-adds), and float32 results
  * are rounded to the weight's dtype to nearest, ties to even, as torch does.
- * Counts and sums are added into the caller's arrays.
+ * Counts and sums are added into the caller's arrays. A float32 value that is NaN counts at
+ * the first point (so that nothing is read or written out of place) and the grid's passes
+ * return how many there were, for the caller to refuse; the grid has at most 2^24 points.
  *
  * Built with OpenMP where torch uses it, each loop is shared among the calling
  * thread's OpenMP team: the library loads torch's own OpenMP runtime (its
@@ -22,7 +24,7 @@
 #include <omp.h>
 #endif
 
-int64_t dkm_table_passes_version(void) { return 3; }
+int64_t dkm_table_passes_version(void) { return 4; }
 
 #ifdef _OPENMP
 /* threads for a loop over n weights: torch's, at most one per GRAIN of them (as torch's own loops) */
@@ -38,10 +40,13 @@ static inline void share(int64_t n, int t, int threads, int64_t *lo, int64_t *hi
     *hi = n * (t + 1) / threads;
 }
 
-/* Runs BODY (over weights i from lo to hi, adding into TYPE *into) on each thread of the team:
- * thread 0 into OUT, the others into arrays of their own, added to OUT in thread order after. */
-#define EACH_SHARE(TYPE, OUT, SIZE, N, BODY) do {                                                        \
-    const int wanted = team(N);                                                                       \
+/* Runs BODY (over weights i from lo to hi, adding into TYPE *into, and to int64_t bad the NaN found)
+ * on each thread of the team: thread 0 into OUT, the others into arrays of their own, added to OUT
+ * in thread order after; the NaN found are added to *FOUND. At most one thread per SIZE weights
+ * beyond the first: the arrays are no larger than the weights. */
+#define EACH_SHARE(TYPE, OUT, SIZE, N, FOUND, BODY) do {                                                 \
+    int wanted = team(N);                                                                             \
+    if ((int64_t)wanted > 1 + (N) / (SIZE)) wanted = (int)(1 + (N) / (SIZE));                        \
     TYPE *parts = wanted > 1 ? (TYPE *)calloc((size_t)(wanted - 1) * (size_t)(SIZE), sizeof(TYPE)) : NULL; \
     int threads = 1;                                                                                  \
     if (parts) {                                                                                      \
@@ -50,25 +55,38 @@ static inline void share(int64_t n, int t, int threads, int64_t *lo, int64_t *hi
             const int t = omp_get_thread_num();                                                      \
             _Pragma("omp single")                                                                     \
             threads = omp_get_num_threads();                                                         \
-            int64_t lo, hi;                                                                           \
+            int64_t lo, hi, bad = 0;                                                                  \
             share(N, t, threads, &lo, &hi);                                                           \
             TYPE *into = t == 0 ? (OUT) : parts + (size_t)(t - 1) * (size_t)(SIZE);                  \
             BODY                                                                                      \
+            _Pragma("omp atomic")                                                                     \
+            *(FOUND) += bad;                                                                          \
         }                                                                                             \
         for (int t = 1; t < threads; t++)                                                             \
             for (int64_t e = 0; e < (SIZE); e++) (OUT)[e] += parts[(size_t)(t - 1) * (size_t)(SIZE) + e]; \
         free(parts);                                                                                  \
     } else {                                                                                          \
         const int64_t lo = 0, hi = (N);                                                               \
+        int64_t bad = 0;                                                                              \
         TYPE *into = (OUT);                                                                           \
         BODY                                                                                          \
+        *(FOUND) += bad;                                                                              \
     }                                                                                                 \
 } while (0)
 /* a loop over the n weights of the function it is in, shared among the team */
 #define EACH_WEIGHT _Pragma("omp parallel for schedule(static) num_threads(team(n))")
+/* the same, adding up the NaN found in int64_t bad */
+#define EACH_WEIGHT_FINDING _Pragma("omp parallel for schedule(static) num_threads(team(n)) reduction(+:bad)")
 #else
-#define EACH_SHARE(TYPE, OUT, SIZE, N, BODY) do { const int64_t lo = 0, hi = (N); TYPE *into = (OUT); BODY } while (0)
+#define EACH_SHARE(TYPE, OUT, SIZE, N, FOUND, BODY) do {                                                 \
+    const int64_t lo = 0, hi = (N);                                                                   \
+    int64_t bad = 0;                                                                                  \
+    TYPE *into = (OUT);                                                                               \
+    BODY                                                                                              \
+    *(FOUND) += bad;                                                                                  \
+} while (0)
 #define EACH_WEIGHT
+#define EACH_WEIGHT_FINDING
 #endif
 
 static inline float from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
@@ -108,14 +126,18 @@ static inline uint16_t float_to_half(float f, int bf16) { return bf16 ? float_to
 /* the grid entries of a block of at most BLOCK float32 values: a loop the compiler vectorizes, apart
  * from the loop that reads or writes the tables by entry (which it cannot) */
 #define BLOCK 256
-static inline void grid_entries(const float *v, int64_t n, float low, float scale, int64_t size, int32_t *entries) {
+static inline int64_t grid_entries(const float *v, int64_t n, float low, float scale, int64_t size,
+                                   int32_t *entries) {
     const float last = (float)(size - 1);
+    int64_t nan = 0;
     for (int64_t i = 0; i < n; i++) {
         float t = (v[i] - low) * scale + 0.5f;
-        t = t < 0.0f ? 0.0f : t;  /* torch's clamp: NaN stays NaN (never here: weights are finite) */
-        t = t > last ? last : t;
+        nan += t != t;
+        t = t > 0.0f ? t : 0.0f;  /* torch's clamp, and NaN to the first point */
+        t = t < last ? t : last;
         entries[i] = (int32_t)t;
     }
+    return nan;
 }
 
 /* for each block [s, s + m) of the weights from lo to hi, with their grid entries in e */
@@ -123,17 +145,21 @@ static inline void grid_entries(const float *v, int64_t n, float low, float scal
     int32_t e[BLOCK];                                                                                 \
     for (int64_t s = (lo); s < (hi); s += BLOCK) {                                                    \
         const int64_t m = (hi) - s < BLOCK ? (hi) - s : BLOCK;                                       \
-        grid_entries(v + s, m, low, scale, size, e);                                                  \
+        bad += grid_entries(v + s, m, low, scale, size, e);                                           \
         BODY                                                                                          \
     }                                                                                                 \
 } while (0)
 
 void dkm_count_half(const uint16_t *v, int64_t n, int64_t *counts) {
-    EACH_SHARE(int64_t, counts, 65536, n, for (int64_t i = lo; i < hi; i++) into[v[i]]++;);
+    int64_t found = 0;
+    EACH_SHARE(int64_t, counts, 65536, n, &found, for (int64_t i = lo; i < hi; i++) into[v[i]]++;);
 }
 
-void dkm_count_grid(const float *v, int64_t n, float low, float scale, int64_t size, int64_t *counts) {
-    EACH_SHARE(int64_t, counts, size, n, EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]]++;););
+int64_t dkm_count_grid(const float *v, int64_t n, float low, float scale, int64_t size, int64_t *counts) {
+    int64_t found = 0;
+    EACH_SHARE(int64_t, counts, size, n, &found,
+               EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]]++;););
+    return found;
 }
 
 void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16_t *out) {
@@ -142,28 +168,34 @@ void dkm_lookup_half(const uint16_t *v, int64_t n, const uint16_t *table, uint16
 }
 
 /* base[e] + v * slope[e]: the soft value to first order about the grid point */
-void dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t size, const float *base,
-                     const float *slope, float *out) {
-    EACH_WEIGHT
+int64_t dkm_lookup_line(const float *v, int64_t n, float low, float scale, int64_t size, const float *base,
+                        const float *slope, float *out) {
+    int64_t bad = 0;
+    EACH_WEIGHT_FINDING
     for (int64_t b = 0; b < n; b += BLOCK) {
         EACH_BLOCK(b, b + BLOCK < n ? b + BLOCK : n, for (int64_t j = 0; j < m; j++) {
             const float moved = slope[e[j]] * v[s + j];
             out[s + j] = moved + base[e[j]];
         });
     }
+    return bad;
 }
 
 /* the loops below are written once for each half dtype, the flag tested outside them */
 #define EACH_HALF(bf16, loop) do { if (bf16) { const int is_bf16 = 1; loop } else { const int is_bf16 = 0; loop } } while (0)
 
 void dkm_gather_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, double *sums) {
-    EACH_HALF(bf16, EACH_SHARE(double, sums, 65536, n,
+    int64_t found = 0;
+    EACH_HALF(bf16, EACH_SHARE(double, sums, 65536, n, &found,
         for (int64_t i = lo; i < hi; i++) into[v[i]] += half_to_float(g[i], is_bf16);););
 }
 
-void dkm_gather_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
-                     double *sums) {
-    EACH_SHARE(double, sums, size, n, EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]] += g[s + j];););
+int64_t dkm_gather_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
+                        double *sums) {
+    int64_t found = 0;
+    EACH_SHARE(double, sums, size, n, &found,
+               EACH_BLOCK(lo, hi, for (int64_t j = 0; j < m; j++) into[e[j]] += g[s + j];););
+    return found;
 }
 
 /* g a[e] + b[e], rounded to the weight's dtype */
@@ -179,13 +211,15 @@ void dkm_spread_half(const uint16_t *v, const uint16_t *g, int64_t n, int bf16, 
 }
 
 /* ((bend[e] v + base[e]) g) + shared[e]: the slope at v to first order, times g, plus the codebooks' share */
-void dkm_spread_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
-                     const float *base, const float *bend, const float *shared, float *out) {
-    EACH_WEIGHT
+int64_t dkm_spread_grid(const float *v, const float *g, int64_t n, float low, float scale, int64_t size,
+                        const float *base, const float *bend, const float *shared, float *out) {
+    int64_t bad = 0;
+    EACH_WEIGHT_FINDING
     for (int64_t b = 0; b < n; b += BLOCK) {
         EACH_BLOCK(b, b + BLOCK < n ? b + BLOCK : n, for (int64_t j = 0; j < m; j++) {
             const float slope = bend[e[j]] * v[s + j] + base[e[j]];
             out[s + j] = slope * g[s + j] + shared[e[j]];
         });
     }
+    return bad;
 }

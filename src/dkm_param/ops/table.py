@@ -89,8 +89,8 @@ class Grid:
 
     @cached_property
     def placing(self) -> tuple[float, float]:
-        """The least point and one over the step, as Python floats (read once: ``ops.native``'s
-        passes take them), the values ``value_codes`` computes with."""
+        """The least point and one over the step, as Python floats (read once, as a grid is not
+        changed once made: ``ops.native``'s passes take them), the values ``value_codes`` computes with."""
         return float(self.low), float(1.0 / self.step)
 
 
@@ -107,6 +107,8 @@ class GridTooCoarse(Exception):
 def value_grid(low: Tensor, high: Tensor, size: int = TABLE_SIZE) -> Grid:
     """The grid of ``size`` evenly spaced points from a float32 weight's least value to its
     greatest. Ranks that share the extremes of their slices (an all-reduce) share one grid."""
+    if size < 2:
+        raise ValueError(f"a grid has at least 2 points, got {size}")
     low, high = low.detach().float(), high.detach().float()
     step = ((high - low) / (size - 1)).clamp_min(torch.finfo(torch.float32).tiny)
     return Grid(low, step, size)
@@ -149,7 +151,7 @@ def value_counts(values: Tensor, grid: Grid | None = None) -> Tensor:
     count a slice on one grid and sum the counts (an all-reduce) share one table.
     """
     size, flat = _entries(grid), values.reshape(-1)
-    if _compiled(flat):  # counted in int64, exactly
+    if _compiled(flat, grid):  # counted in int64, exactly
         wide = values.new_zeros(size, dtype=torch.int64)
         native.count(flat, wide, *_placing(grid))
         return wide.float()
@@ -291,7 +293,7 @@ def _lookup(values: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
     """``table[code(v)]`` for each value, in ``dtype``, pass by pass.  # (n,)"""
     flat, table = values.reshape(-1), table.to(dtype)
     out = torch.empty(flat.shape, dtype=dtype, device=values.device)
-    if _compiled(flat):
+    if _compiled(flat, None):
         native.lookup(flat, out, table)
         return out
 
@@ -306,7 +308,7 @@ def _lookup_line(values: Tensor, base: Tensor, slope: Tensor, grid: Grid) -> Ten
     """``base[code(v)] + v * slope[code(v)]`` for each float32 value, pass by pass.  # (n,)"""
     flat = values.reshape(-1)
     out = torch.empty_like(flat)
-    if _compiled(flat):
+    if _compiled(flat, grid):
         native.lookup(flat, out, base, slope, *_placing(grid))
         return out
 
@@ -350,12 +352,17 @@ def _each_pass(n: int, work: Callable[[int, int], None], device: torch.device) -
             work(start, min(start + step, n))
 
 
-def _compiled(flat: Tensor, *others: Tensor) -> bool:
+def _compiled(flat: Tensor, grid: Grid | None, *others: Tensor) -> bool:
     """Whether a pass over ``flat`` (and ``others``, each of its dtype) runs compiled
-    (``ops.native``): on the CPU, each contiguous, with a C compiler at hand."""
+    (``ops.native``): on the CPU, each contiguous, a half-precision weight or a float32 one on a
+    grid the loops take, with a C compiler at hand."""
+    if flat.dtype not in (HALF_DTYPES if grid is None else (torch.float32,)) or not _engine.on_host(flat.device):
+        return False
+    if grid is not None and not native.usable_grid(*grid.placing, grid.size):
+        return False
     tensors = (flat, *others)
-    return (_engine.on_host(flat.device) and all(t.is_contiguous() and t.dtype == flat.dtype for t in tensors)
-            and all(t.device == flat.device for t in others) and native.available())
+    return (all(t.is_contiguous() and t.dtype == flat.dtype and t.device == flat.device for t in tensors)
+            and native.available())
 
 
 def _placing(grid: Grid | None) -> tuple[float, ...]:
@@ -506,7 +513,7 @@ def _one_iteration_backward(points: Tensor, weights: Tensor, upstream: Tensor, f
 def _sums_by_value(flat: Tensor, grad: Tensor, grid: Grid | None) -> Tensor:
     """``G_v``: the sum of ``grad`` over the weights ``flat`` of each entry, pass by pass.  # (entries,) float32"""
     size = _entries(grid)
-    if _compiled(flat, grad):  # added in float64
+    if _compiled(flat, grid, grad):  # added in float64
         wide = flat.new_zeros(size, dtype=torch.float64)
         native.gather(flat, grad, wide, *_placing(grid))
         return wide.float()
@@ -525,7 +532,7 @@ def _gradient(flat: Tensor, grad: Tensor, grid: Grid | None, tables: tuple[Tenso
     (``tables``: ``(a, b)``), ``(bend[e] w + base[e]) g + shared[e]`` on a grid
     (``(base, bend, shared)``).  # (n,) in the weight's dtype"""
     out = torch.empty_like(flat)
-    if _compiled(flat, grad):
+    if _compiled(flat, grid, grad):
         native.spread(flat, grad, out, tables, *_placing(grid))
         return out
     if grid is None:
