@@ -10,6 +10,8 @@ more lookup. Memory beyond the soft weight itself is O(table), and the
 per-weight work is a few passes over the weight whatever the bits. The
 results are ``soft_cluster_reference``'s on the weight cast to float32 (the
 same iterations, the sums grouped by value), computed in float32.
+On the CPU those passes run as compiled loops where a C compiler is at hand
+(``ops.native``: the same results, the gradient's sums added in float64).
 
 A float32 weight is tabled on a grid of evenly spaced points between its
 extremes (``value_grid``, 4,096 to 1,048,576 of them, as the temperature needs): each weight counts at its
